@@ -1,0 +1,16 @@
+"""A readable reference for tensor-parallel LoRA (Megatron-style), in plain PyTorch."""
+
+from .layers import ColumnParallelLinear, RowParallelLinear
+from .models import TinyGPT, TinyGPTConfig
+from .parallel import (
+    ParallelState,
+    destroy_model_parallel,
+    get_parallel_state,
+    init_distributed,
+    initialize_model_parallel,
+)
+
+__all__ = [
+    "ColumnParallelLinear", "RowParallelLinear", "TinyGPT", "TinyGPTConfig", "ParallelState",
+    "init_distributed", "initialize_model_parallel", "get_parallel_state", "destroy_model_parallel",
+]

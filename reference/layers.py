@@ -1,0 +1,233 @@
+"""Column- and row-parallel linear layers, with Megatron's semantics.
+
+A linear layer computes y = x W^T + b with W of shape (out, in). With TP size t:
+
+ColumnParallelLinear splits W by rows (the output features):
+    rank r holds W_r (out/t, in) and b_r (out/t)
+    x (s, b, in) replicated             -> y_r = x W_r^T + b_r   (s, b, out/t)
+    sequence parallel: x (s/t, b, in)   -> all-gather the sequence first
+    gather_output: all-gather y_r on the last dim -> (s, b, out)
+
+RowParallelLinear splits W by columns (the input features):
+    rank r holds W_r (out, in/t) and the whole bias b (out)
+    x_r (s, b, in/t)                    -> partial_r = x_r W_r^T  (s, b, out)
+    y = sum_r partial_r  (all-reduce), or under sequence parallelism reduce-scatter to (s/t, b, out)
+    the bias is added once, after the reduction
+
+forward(x) returns (output, bias): bias is None unless skip_bias_add, in which case the caller adds
+it (Megatron fuses that add into the next op). Parameters are initialized on the full matrix (see
+init.py) and sharded, so the gathered weight does not depend on t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .init import check_init_method, init_full_weight
+from .parallel import (
+    check_divisible,
+    copy_to_tensor_parallel_region,
+    default_device,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    gather_shards,
+    get_parallel_state,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_parallel_region,
+    shard,
+)
+
+
+def _check_size(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
+                 sequence_parallel: bool, tp_size: int, seq_divisible: bool) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{layer}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != expected_last:
+        raise ValueError(
+            f"{layer}: {name} must have last dim {expected_last}, got shape {tuple(x.shape)}"
+        )
+    if sequence_parallel and x.dim() != 3:
+        raise ValueError(
+            f"{layer}: with sequence_parallel, {name} must be 3-D (s, b, h), got shape {tuple(x.shape)}"
+        )
+    if sequence_parallel and seq_divisible:
+        check_divisible(f"{layer}: sequence length (dim 0) of {name}", x.shape[0], tp_size, "the TP size")
+
+
+class _ParallelLinear(nn.Module):
+    """What both layers share: groups, sizes, parameters and the full/shard conversion."""
+
+    parallel_mode: str  # "column" or "row"
+    weight_shard_dim: int  # the dim of W that is split across ranks
+
+    def __init__(self, input_size, output_size, *, bias, sequence_parallel, skip_bias_add,
+                 init_method, tp_group, params_dtype, device, stride):
+        super().__init__()
+        _check_size("input_size", input_size)
+        _check_size("output_size", output_size)
+        _check_size("stride", stride)
+        check_init_method("init_method", init_method)
+        if not isinstance(params_dtype, torch.dtype) or not params_dtype.is_floating_point:
+            raise ValueError(f"params_dtype must be a floating torch.dtype, got {params_dtype!r}")
+        self.tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
+        self.tp_size = dist.get_world_size(self.tp_group)
+        self.tp_rank = dist.get_rank(self.tp_group)
+        self.input_size, self.output_size = input_size, output_size
+        self.sequence_parallel = bool(sequence_parallel)
+        self.skip_bias_add = bool(skip_bias_add)
+        self.stride = stride
+        self.init_method = init_method
+        device = default_device() if device is None else torch.device(device)
+
+        full = init_full_weight((output_size, input_size), init_method)
+        local = shard(full, self.weight_shard_dim, self.tp_rank, self.tp_size, self._stride(0))
+        self.weight = nn.Parameter(local.to(device=device, dtype=params_dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self._bias_shape(), device=device, dtype=params_dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def _stride(self, dim: int) -> int:
+        return self.stride if dim == 0 else 1
+
+    def _bias_shape(self) -> int:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Copy this rank's shard of a full `weight` (out, in) and `bias` (out) into the layer."""
+        if tuple(weight.shape) != (self.output_size, self.input_size):
+            raise ValueError(
+                f"weight must have shape {(self.output_size, self.input_size)}, got {tuple(weight.shape)}"
+            )
+        dim = self.weight_shard_dim
+        self.weight.copy_(shard(weight.detach().cpu(), dim, self.tp_rank, self.tp_size, self._stride(dim)))
+        if bias is not None:
+            if self.bias is None:
+                raise ValueError("bias was given but the layer was built with bias=False")
+            if tuple(bias.shape) != (self.output_size,):
+                raise ValueError(f"bias must have shape {(self.output_size,)}, got {tuple(bias.shape)}")
+            self.bias.copy_(self._local_bias(bias.detach().cpu()))
+
+    def _local_bias(self, full_bias: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def full_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The full (weight, bias), gathered on every rank (a collective)."""
+        dim = self.weight_shard_dim
+        weight = gather_shards(self.weight, dim, self.tp_group, self._stride(dim))
+        return weight, self._full_bias()
+
+    def _full_bias(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _finish(self, output: torch.Tensor, bias: torch.Tensor | None):
+        if self.skip_bias_add:
+            return output, bias
+        return (output if bias is None else output + bias), None
+
+    def extra_repr(self) -> str:
+        return (f"input_size={self.input_size}, output_size={self.output_size}, "
+                f"tp_size={self.tp_size}, sequence_parallel={self.sequence_parallel}, "
+                f"bias={self.bias is not None}, skip_bias_add={self.skip_bias_add}")
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """y_r = x W_r^T + b_r, W split by output rows; see the module docstring.
+
+    stride > 1 keeps `stride` stacked blocks of the output (e.g. [gate; up] of a gated MLP) whole on
+    each rank: rank r holds [gate_r; up_r], and the full weight stays [gate; up] at any TP size.
+    """
+
+    parallel_mode = "column"
+    weight_shard_dim = 0
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
+                 gather_output: bool = False, sequence_parallel: bool = False,
+                 skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
+                 params_dtype: torch.dtype = torch.float32, device=None, stride: int = 1):
+        tp_size = dist.get_world_size(get_parallel_state().tp_group if tp_group is None else tp_group)
+        _check_size("output_size", output_size)
+        check_divisible("output_size", output_size, tp_size * stride, "tp_size * stride")
+        self.gather_output = bool(gather_output)
+        super().__init__(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
+                         skip_bias_add=skip_bias_add, init_method=init_method, tp_group=tp_group,
+                         params_dtype=params_dtype, device=device, stride=stride)
+        self.output_size_per_partition = output_size // self.tp_size
+
+    def _bias_shape(self) -> int:
+        return self.output_size // self.tp_size
+
+    def _local_bias(self, full_bias):
+        return shard(full_bias, 0, self.tp_rank, self.tp_size, self.stride)
+
+    def _full_bias(self):
+        return None if self.bias is None else gather_shards(self.bias, 0, self.tp_group, self.stride)
+
+    def forward(self, x: torch.Tensor):
+        _check_input("ColumnParallelLinear", "input", x, self.input_size, self.sequence_parallel,
+                     self.tp_size, seq_divisible=False)
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.tp_group)   # (s/t, b, in) -> (s, b, in)
+        else:
+            x = copy_to_tensor_parallel_region(x, self.tp_group)         # (s, b, in); grad all-reduced
+        bias = None if self.skip_bias_add else self.bias
+        y = F.linear(x, self.weight, bias)                               # (s, b, out/t)
+        if self.gather_output:
+            y = gather_from_tensor_parallel_region(y, self.tp_group)     # (s, b, out)
+        return y, (self.bias if self.skip_bias_add else None)
+
+
+class RowParallelLinear(_ParallelLinear):
+    """y = sum_r x_r W_r^T + b, W split by input columns; see the module docstring."""
+
+    parallel_mode = "row"
+    weight_shard_dim = 1
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
+                 input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        tp_size = dist.get_world_size(get_parallel_state().tp_group if tp_group is None else tp_group)
+        _check_size("input_size", input_size)
+        check_divisible("input_size", input_size, tp_size, "the TP size")
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("sequence_parallel=True requires input_is_parallel=True (allowed: "
+                             "input_is_parallel=True, or sequence_parallel=False)")
+        self.input_is_parallel = bool(input_is_parallel)
+        super().__init__(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
+                         skip_bias_add=skip_bias_add, init_method=init_method, tp_group=tp_group,
+                         params_dtype=params_dtype, device=device, stride=1)
+        self.input_size_per_partition = input_size // self.tp_size
+
+    def _bias_shape(self) -> int:
+        return self.output_size
+
+    def _local_bias(self, full_bias):
+        return full_bias
+
+    def _full_bias(self):
+        return None if self.bias is None else self.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor):
+        expected = self.input_size_per_partition if self.input_is_parallel else self.input_size
+        _check_input("RowParallelLinear", "input", x, expected, self.sequence_parallel,
+                     self.tp_size, seq_divisible=True)
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_parallel_region(x, self.tp_group)      # (s, b, in) -> (s, b, in/t)
+        partial = F.linear(x, self.weight)                               # (s, b, out), partial sum
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)  # (s/t, b, out)
+        else:
+            y = reduce_from_tensor_parallel_region(partial, self.tp_group)          # (s, b, out)
+        return self._finish(y, self.bias)

@@ -1,0 +1,193 @@
+"""Tiny models with Megatron's module names, for tests and the conformance suite.
+
+TinyGPT (a pre-norm decoder):
+
+    embedding.word_embeddings, embedding.position_embeddings        replicated
+    decoder.layers.N.input_layernorm
+    decoder.layers.N.self_attention.linear_qkv                      column-parallel, h -> 3h
+    decoder.layers.N.self_attention.linear_proj                     row-parallel, h -> h
+    decoder.layers.N.pre_mlp_layernorm
+    decoder.layers.N.mlp.linear_fc1                                 column-parallel, h -> ffn (2 ffn gated)
+    decoder.layers.N.mlp.linear_fc2                                 row-parallel, ffn -> h
+    decoder.final_layernorm
+    output_layer                                                    column-parallel, h -> vocab, gathered
+
+Everything is built from `seed` inside a forked RNG, so the same config and seed give the same full
+weights at every TP size and the caller's generator is left untouched. Activations are (s, b, h);
+under sequence parallelism they are (s/t, b, h) between the parallel layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ColumnParallelLinear, RowParallelLinear
+from .parallel import (
+    check_divisible,
+    default_device,
+    get_parallel_state,
+    scatter_to_sequence_parallel_region,
+)
+
+
+@dataclass
+class TinyGPTConfig:
+    vocab_size: int = 64
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 64
+    max_sequence_length: int = 64
+    gated_linear_unit: bool = False      # fc1 -> [gate; up] (2 ffn), SwiGLU
+    add_bias_linear: bool = True
+    sequence_parallel: bool = False
+    init_method: str = "xavier"
+    params_dtype: torch.dtype = torch.float32
+
+    def check(self, tp_size: int) -> None:
+        """Raise a ValueError naming the field if this config cannot run at `tp_size`."""
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                     "ffn_hidden_size", "max_sequence_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_divisible("hidden_size", self.hidden_size, self.num_attention_heads, "num_attention_heads")
+        check_divisible("num_attention_heads", self.num_attention_heads, tp_size, "the TP size")
+        check_divisible("ffn_hidden_size", self.ffn_hidden_size, tp_size, "the TP size")
+        check_divisible("vocab_size", self.vocab_size, tp_size, "the TP size")
+
+
+class LanguageModelEmbedding(nn.Module):
+    def __init__(self, config: TinyGPTConfig, device, dtype):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size,
+                                                device=device, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids (b, s) -> (s, b, h)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        return x.transpose(0, 1).contiguous()
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head attention; each TP rank owns num_heads/t whole heads.
+
+    linear_qkv's output is laid out per head as [q, k, v], so splitting it by rows hands each rank
+    the q, k and v of its own heads.
+    """
+
+    def __init__(self, config: TinyGPTConfig, tp_group, device, dtype):
+        super().__init__()
+        h, sp = config.hidden_size, config.sequence_parallel
+        common = dict(tp_group=tp_group, params_dtype=dtype, device=device, init_method=config.init_method)
+        self.linear_qkv = ColumnParallelLinear(h, 3 * h, bias=config.add_bias_linear,
+                                               sequence_parallel=sp, **common)
+        self.linear_proj = RowParallelLinear(h, h, bias=config.add_bias_linear, input_is_parallel=True,
+                                             sequence_parallel=sp, skip_bias_add=True, **common)
+        self.head_dim = h // config.num_attention_heads
+        self.local_heads = config.num_attention_heads // self.linear_qkv.tp_size
+
+    def forward(self, x: torch.Tensor):
+        qkv, _ = self.linear_qkv(x)                                      # (s, b, 3h/t)
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.local_heads, 3, self.head_dim)         # (s, b, nh/t, 3, hd)
+        q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # (b, nh/t, s, hd)
+        context = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh/t, s, hd)
+        context = context.permute(2, 0, 1, 3).reshape(s, b, -1)          # (s, b, h/t)
+        return self.linear_proj(context)                                 # (out, bias)
+
+
+class MLP(nn.Module):
+    """fc1 -> GELU (or SwiGLU when gated) -> fc2."""
+
+    def __init__(self, config: TinyGPTConfig, tp_group, device, dtype):
+        super().__init__()
+        h, ffn, sp = config.hidden_size, config.ffn_hidden_size, config.sequence_parallel
+        self.gated = config.gated_linear_unit
+        common = dict(tp_group=tp_group, params_dtype=dtype, device=device, init_method=config.init_method)
+        self.linear_fc1 = ColumnParallelLinear(h, 2 * ffn if self.gated else ffn, bias=config.add_bias_linear,
+                                               sequence_parallel=sp, stride=2 if self.gated else 1, **common)
+        self.linear_fc2 = RowParallelLinear(ffn, h, bias=config.add_bias_linear, input_is_parallel=True,
+                                            sequence_parallel=sp, skip_bias_add=True, **common)
+
+    def forward(self, x: torch.Tensor):
+        hidden, _ = self.linear_fc1(x)                                   # (s, b, ffn/t) or (s, b, 2ffn/t)
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)                           # each (s, b, ffn/t)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden)
+        return self.linear_fc2(hidden)                                   # (out, bias)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: TinyGPTConfig, tp_group, device, dtype):
+        super().__init__()
+        h = config.hidden_size
+        self.input_layernorm = nn.LayerNorm(h, device=device, dtype=dtype)
+        self.self_attention = SelfAttention(config, tp_group, device, dtype)
+        self.pre_mlp_layernorm = nn.LayerNorm(h, device=device, dtype=dtype)
+        self.mlp = MLP(config, tp_group, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, bias = self.self_attention(self.input_layernorm(x))
+        x = x + out + (0 if bias is None else bias)
+        out, bias = self.mlp(self.pre_mlp_layernorm(x))
+        return x + out + (0 if bias is None else bias)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TinyGPTConfig, tp_group, device, dtype):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(config, tp_group, device, dtype)
+                                    for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_layernorm(x)
+
+
+class TinyGPT(nn.Module):
+    """forward(input_ids (b, s)) -> logits (b, s, vocab), the same full logits on every rank."""
+
+    def __init__(self, config: TinyGPTConfig | None = None, *, seed: int = 0, tp_group=None, device=None):
+        super().__init__()
+        config = TinyGPTConfig() if config is None else config
+        tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
+        self.tp_size = torch.distributed.get_world_size(tp_group)
+        config.check(self.tp_size)
+        self.config, self.tp_group = config, tp_group
+        device = default_device() if device is None else torch.device(device)
+        dtype = config.params_dtype
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embedding = LanguageModelEmbedding(config, "cpu", dtype)
+            self.decoder = TransformerBlock(config, tp_group, device, dtype)
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, bias=False, gather_output=True,
+                sequence_parallel=config.sequence_parallel, tp_group=tp_group, params_dtype=dtype,
+                device=device, init_method=config.init_method)
+        self.embedding.to(device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (b, s), got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if s > self.config.max_sequence_length:
+            raise ValueError(f"sequence length {s} exceeds max_sequence_length {self.config.max_sequence_length}")
+        if self.config.sequence_parallel:
+            check_divisible("sequence length of input_ids", s, self.tp_size, "the TP size")
+        x = self.embedding(input_ids)                                    # (s, b, h)
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.tp_group)    # (s/t, b, h)
+        x = self.decoder(x)                                              # (s or s/t, b, h)
+        logits, _ = self.output_layer(x)                                 # (s, b, vocab)
+        return logits.transpose(0, 1)                                    # (b, s, vocab)

@@ -1,0 +1,47 @@
+"""Moving between a full (logical) tensor and this rank's shard of it, with no autograd.
+
+A tensor of size n along `dim` is split into `size` equal shards; rank r holds rows
+[r * n/size, (r+1) * n/size). With `stride` > 1 the tensor is first seen as `stride` equal parts
+(for example the gate and the up projection of a gated MLP stacked as [gate; up]) and each part is
+split the same way, so rank r holds [gate_r; up_r]. This keeps the full tensor independent of the
+TP size while every rank can still chunk its local output into gate and up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def check_divisible(name: str, value: int, divisor: int, what: str) -> None:
+    """Raise a ValueError naming the argument when `value` does not divide by `divisor`."""
+    if value % divisor != 0:
+        raise ValueError(f"{name} ({value}) must be divisible by {what} ({divisor})")
+
+
+def shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
+    """This rank's shard of `full` along `dim` (a copy, contiguous)."""
+    n = full.shape[dim]
+    check_divisible(f"size of dim {dim}", n, size * stride, "tp_size * stride")
+    parts = full.chunk(stride, dim=dim)                                   # stride x (n/stride)
+    local = [part.chunk(size, dim=dim)[rank] for part in parts]          # stride x (n/(stride*size))
+    return torch.cat(local, dim=dim).contiguous()
+
+
+def unshard(shards: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor from every rank's shard (in rank order); the inverse of `shard`."""
+    per_rank_parts = [s.chunk(stride, dim=dim) for s in shards]          # size x stride
+    parts = [torch.cat([p[k] for p in per_rank_parts], dim=dim) for k in range(stride)]
+    return torch.cat(parts, dim=dim)
+
+
+def gather_shards(local: torch.Tensor, dim: int, group: dist.ProcessGroup | None,
+                  stride: int = 1) -> torch.Tensor:
+    """All-gather every rank's shard and rebuild the full tensor on every rank (no autograd)."""
+    size = dist.get_world_size(group) if group is not None else 1
+    if size == 1:
+        return local.detach().clone()
+    local = local.detach().contiguous()
+    shards = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(shards, local, group=group)
+    return unshard(shards, dim, stride)
