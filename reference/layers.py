@@ -159,6 +159,9 @@ class ColumnParallelLinear(_ParallelLinear):
         tp_size = dist.get_world_size(get_parallel_state().tp_group if tp_group is None else tp_group)
         _check_size("output_size", output_size)
         check_divisible("output_size", output_size, tp_size * stride, "tp_size * stride")
+        if gather_output and stride != 1:
+            # The gathered output would be [part0_0, part1_0, part0_1, ...], not [part0; part1].
+            raise ValueError("gather_output=True requires stride=1 (allowed: gather_output=False with any stride)")
         self.gather_output = bool(gather_output)
         super().__init__(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
                          skip_bias_add=skip_bias_add, init_method=init_method, tp_group=tp_group,

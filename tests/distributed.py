@@ -88,8 +88,9 @@ class WorkerPool:
         replies = self._collect("ready", start_timeout)
         failed = {r: tb for r, (ok, tb) in replies.items() if not ok}
         if failed or len(replies) < world_size:
+            message = self._describe("starting the process group", failed, replies, start_timeout)
             self.kill()
-            raise RankFailed(self._describe("starting the process group", failed, replies, start_timeout))
+            raise RankFailed(message)
 
     def _collect(self, job_id, timeout: float) -> dict[int, tuple[bool, object]]:
         """Replies for `job_id` by rank, until all ranks answered, one failed (plus a grace), or timeout."""
@@ -136,9 +137,10 @@ class WorkerPool:
         replies = self._collect(job_id, timeout)
         failed = {r: v for r, (ok, v) in replies.items() if not ok}
         if failed or len(replies) < self.world_size:
-            self.kill()
             name = getattr(fn, "__qualname__", repr(fn))
-            raise RankFailed(self._describe(f"running {name}", failed, replies, timeout))
+            message = self._describe(f"running {name}", failed, replies, timeout)
+            self.kill()
+            raise RankFailed(message)
         return [replies[r][1] for r in range(self.world_size)]
 
     def alive(self) -> bool:

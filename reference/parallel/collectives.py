@@ -46,6 +46,9 @@ def _size(group: dist.ProcessGroup) -> int:
 
 # ---- raw collectives (no autograd) --------------------------------------------------------------
 
+# torch 2.13 renamed the tensor-in/tensor-out all-gather; take whichever this torch has.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.contiguous().clone()  # a fresh tensor: the caller's input is never modified
     dist.all_reduce(out, group=group)
@@ -57,7 +60,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     size = _size(group)
     x = x.movedim(dim, 0).contiguous()                                   # (n, ...)
     out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))         # (size*n, ...)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out.movedim(0, dim).contiguous()
 
 

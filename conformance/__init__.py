@@ -1,0 +1,1 @@
+"""Property-based conformance suite: checks a LoRA backend against the reference."""
