@@ -11,7 +11,7 @@ from reference import ColumnParallelLinear, RowParallelLinear
 
 from .conftest import WORLD_SIZES
 from .distributed import run_distributed
-from .helpers import all_reduce_sum, assert_close, chunk, seeded
+from .helpers import all_reduce_sum, assert_close, chunk, device, seeded
 
 S, B, IN, OUT = 8, 2, 12, 16
 
@@ -188,7 +188,7 @@ def check_bad_layer_inputs():
            lambda: ColumnParallelLinear(8, 8, gather_output=True, stride=2))
     expect("dtype", "params_dtype must be a floating", lambda: ColumnParallelLinear(8, 8, params_dtype=torch.int32))
     # After all those errors the group still works: nothing was left half-communicated.
-    assert all_reduce_sum(torch.ones(1)).item() == t
+    assert all_reduce_sum(torch.ones(1, device=device())).item() == t
     return errors
 
 
