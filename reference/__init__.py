@@ -1,6 +1,8 @@
 """A readable reference for tensor-parallel LoRA (Megatron-style), in plain PyTorch."""
 
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .lora import LoRA, LoRALinear, ParallelLinearAdapter
+from .merge import LoRAMerge, merge_lora, unmerge_lora
 from .models import TinyGPT, TinyGPTConfig
 from .parallel import (
     ParallelState,
@@ -11,6 +13,7 @@ from .parallel import (
 )
 
 __all__ = [
+    "LoRA", "LoRALinear", "ParallelLinearAdapter", "LoRAMerge", "merge_lora", "unmerge_lora",
     "ColumnParallelLinear", "RowParallelLinear", "TinyGPT", "TinyGPTConfig", "ParallelState",
     "init_distributed", "initialize_model_parallel", "get_parallel_state", "destroy_model_parallel",
 ]

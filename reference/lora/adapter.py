@@ -1,0 +1,199 @@
+"""The LoRA adapter beside a (tensor-parallel) linear layer.
+
+The adapter adds  delta(x) = (alpha / r) * B A x  to the base layer's output, with
+A = linear_in (r x in) and B = linear_out (out x r). It is sharded to match its base (TP size t):
+
+    base kind   base shard      A shard               B shard          adapter output
+    column      (out/t, in)     (r/t, in)  rows       (out/t, r) rows   (s, b, out/t), like the base's
+    row         (out, in/t)     (r, in/t)  columns    (out/t, r) rows   (s, b, out) (gathered), like the base's
+    none        (out, in)       (r, in)               (out, r)          (s, b, out)
+
+Forward, in order (the shapes are per rank):
+
+    dropout if "pre"
+    column:  gather the sequence (SP) or copy      x (s, b, in)
+             h = gather_last(A_r x)                h (s, b, r)
+             y = B_r h                             y (s, b, out/t)   [gathered if the base gathers]
+    row:     h = all_reduce(A_r x_r)               h (s, b, r)       x_r (s, b, in/t)
+             y = B_r h                             y (s, b, out/t)
+             no SP:  y = gather_last(y)                              (s, b, out)
+             SP:     y = scatter_seq(gather_last(y))                 (s/t, b, out)
+             SP+a2a: y = all_to_all(y)   hidden shards -> sequence shards (s/t, b, out)
+    dropout if "post"
+    multiply by alpha / r
+
+Under sequence parallelism the column case sees (s/t, b, in) and all-gathers it first; the backward
+of that gather reduce-scatters the gradient, which already sums the TP ranks' partial gradients, so
+no separate all-reduce is applied. Parameters may have their own dtype (lora_dtype): the input is cast
+to it and the caller casts the output back to the base output's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..init import init_full_weight
+from ..parallel import (
+    all_to_all_hidden_to_sequence_parallel_region,
+    check_divisible,
+    copy_to_tensor_parallel_region,
+    default_device,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    gather_shards,
+    get_parallel_state,
+    reduce_from_tensor_parallel_region,
+    scatter_to_sequence_parallel_region,
+    scatter_to_tensor_parallel_region,
+    shard,
+)
+
+BASE_KINDS = ("column", "row", "none")
+
+
+class LoRAWeight(nn.Module):
+    """A bias-free linear map y = x W^T holding this rank's shard of W (A or B of the adapter)."""
+
+    def __init__(self, local_weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(local_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"local_shape={tuple(self.weight.shape)}"
+
+
+class ParallelLinearAdapter(nn.Module):
+    """scale * B(A(x)) sharded like its base; see the module docstring for the data flow."""
+
+    def __init__(self, in_features: int, out_features: int, dim: int, *, base_kind: str = "column",
+                 alpha: float = 32, dropout: float = 0.0, dropout_position: str = "pre",
+                 lora_A_init_method: str = "xavier", lora_B_init_method: str = "zero",
+                 dtype: torch.dtype = torch.float32, device=None, tp_group=None,
+                 sequence_parallel: bool = False, a2a_experimental: bool = False,
+                 gather_output: bool = False, input_is_parallel: bool = True, stride: int = 1,
+                 base_name: str = "adapter"):
+        super().__init__()
+        if base_kind not in BASE_KINDS:
+            raise ValueError(f"base_kind must be one of {list(BASE_KINDS)}, got {base_kind!r}")
+        self.base_kind, self.base_name = base_kind, base_name
+        self.in_features, self.out_features, self.dim = in_features, out_features, dim
+        self.alpha = alpha
+        self.scale = alpha / dim
+        self.dropout_position = dropout_position
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if base_kind == "none":
+            self.tp_group, self.tp_size, self.tp_rank = None, 1, 0
+        else:
+            self.tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
+            self.tp_size, self.tp_rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+        self.sequence_parallel = bool(sequence_parallel) and base_kind != "none"
+        # a2a only changes the row case under sequence parallelism; elsewhere there is nothing to trade.
+        self.a2a_experimental = bool(a2a_experimental) and base_kind == "row" and self.sequence_parallel
+        self.gather_output = bool(gather_output) and base_kind == "column"
+        self.input_is_parallel = bool(input_is_parallel) or base_kind != "row"
+        self.stride = stride if base_kind == "column" else 1
+        self._check_divisibility()
+
+        # Draw the full A then the full B from the global generator (see reference/init.py), then shard.
+        full_A = init_full_weight((dim, in_features), lora_A_init_method, field="lora_A_init_method")
+        full_B = init_full_weight((out_features, dim), lora_B_init_method, field="lora_B_init_method")
+        device = default_device() if device is None else torch.device(device)
+        self.linear_in = LoRAWeight(self._shard_A(full_A).to(device=device, dtype=dtype))
+        self.linear_out = LoRAWeight(self._shard_B(full_B).to(device=device, dtype=dtype))
+
+    def _check_divisibility(self) -> None:
+        t, where = self.tp_size, f"for the {self.base_kind}-parallel base {self.base_name}"
+        if self.base_kind == "column":
+            check_divisible(f"LoRA dim {where}", self.dim, t, "the TP size")
+            check_divisible(f"out_features {where}", self.out_features, t * self.stride, "tp_size * stride")
+        elif self.base_kind == "row":
+            check_divisible(f"out_features {where}", self.out_features, t, "the TP size")
+            check_divisible(f"in_features {where}", self.in_features, t, "the TP size")
+
+    # ---- full <-> shard ------------------------------------------------------------------------
+
+    def _A_shard_dim(self) -> int | None:
+        return {"column": 0, "row": 1, "none": None}[self.base_kind]
+
+    def _shard_A(self, full_A: torch.Tensor) -> torch.Tensor:
+        dim = self._A_shard_dim()
+        return full_A if dim is None else shard(full_A, dim, self.tp_rank, self.tp_size)
+
+    def _shard_B(self, full_B: torch.Tensor) -> torch.Tensor:
+        if self.base_kind == "none":
+            return full_B
+        return shard(full_B, 0, self.tp_rank, self.tp_size, self.stride)
+
+    @torch.no_grad()
+    def load_full_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy this rank's shards of the full A (r, in) and B (out, r) into the adapter."""
+        if tuple(A.shape) != (self.dim, self.in_features):
+            raise ValueError(f"A must have shape {(self.dim, self.in_features)}, got {tuple(A.shape)}")
+        if tuple(B.shape) != (self.out_features, self.dim):
+            raise ValueError(f"B must have shape {(self.out_features, self.dim)}, got {tuple(B.shape)}")
+        self.linear_in.weight.copy_(self._shard_A(A.detach().cpu()))
+        self.linear_out.weight.copy_(self._shard_B(B.detach().cpu()))
+
+    @torch.no_grad()
+    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full (A, B), gathered on every rank (a collective)."""
+        A_dim = self._A_shard_dim()
+        A = self.linear_in.weight.detach().clone() if A_dim is None else gather_shards(
+            self.linear_in.weight, A_dim, self.tp_group)
+        B = self.linear_out.weight.detach().clone() if self.base_kind == "none" else gather_shards(
+            self.linear_out.weight, 0, self.tp_group, self.stride)
+        return A, B
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout_position == "pre":
+            x = self.dropout(x)
+        x = x.to(self.linear_in.weight.dtype)
+        if self.base_kind == "column":
+            y = self._column_forward(x)
+        elif self.base_kind == "row":
+            y = self._row_forward(x)
+        else:
+            y = self.linear_out(self.linear_in(x))                              # (s, b, out)
+        if self.dropout_position == "post":
+            y = self.dropout(y)
+        return y * self.scale
+
+    def _column_forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.tp_group
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, group)                  # (s/t, b, in) -> (s, b, in)
+        else:
+            x = copy_to_tensor_parallel_region(x, group)                        # (s, b, in), grad all-reduced
+        h = gather_from_tensor_parallel_region(self.linear_in(x), group)        # (s, b, r/t) -> (s, b, r)
+        h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
+        y = self.linear_out(h)                                                  # (s, b, out/t)
+        if self.gather_output:
+            y = gather_from_tensor_parallel_region(y, group)                    # (s, b, out)
+        return y
+
+    def _row_forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.tp_group
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_parallel_region(x, group)                     # (s, b, in) -> (s, b, in/t)
+        h = reduce_from_tensor_parallel_region(self.linear_in(x), group)        # (s, b, r), summed over ranks
+        h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
+        y = self.linear_out(h)                                                  # (s, b, out/t)
+        if self.a2a_experimental:
+            return all_to_all_hidden_to_sequence_parallel_region(y, group)      # (s/t, b, out)
+        y = gather_from_tensor_parallel_region(y, group)                        # (s, b, out)
+        if self.sequence_parallel:
+            y = scatter_to_sequence_parallel_region(y, group)                   # (s/t, b, out)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"base={self.base_name} ({self.base_kind}), in={self.in_features}, out={self.out_features}, "
+                f"dim={self.dim}, alpha={self.alpha}, tp_size={self.tp_size}, "
+                f"sequence_parallel={self.sequence_parallel}, a2a={self.a2a_experimental}")

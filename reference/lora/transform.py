@@ -1,0 +1,115 @@
+"""Putting adapters into a model: match, build the adapter for the base's kind, wrap, freeze.
+
+    apply_lora(model, config, training=True)
+      1. freeze every parameter of the model (the base weights never train);
+      2. walk the modules depth-first; each match is replaced by LoRALinear(base, adapter) and not
+         descended into; existing LoRALinear modules are left as they are (so applying twice changes
+         nothing);
+      3. adapters are trainable when `training`, frozen otherwise; the model is put in train(training);
+      4. target patterns that matched no module are reported in one warning.
+
+A model may also be a list of modules (pipeline chunks): each is handled in turn.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from ..layers import ColumnParallelLinear, RowParallelLinear
+from .adapter import ParallelLinearAdapter
+from .matching import full_name_of, match, pattern_matches
+from .wrapper import LoRALinear
+
+# Hooks for module kinds defined elsewhere (reference/moe.py): type -> builder(config, module, full_name)
+ADAPTER_BUILDERS: dict[type, object] = {}
+
+
+def base_kind(module: nn.Module) -> str:
+    if isinstance(module, ColumnParallelLinear):
+        return "column"
+    if isinstance(module, RowParallelLinear):
+        return "row"
+    return "none"
+
+
+def build_adapter(config, module: nn.Module, full_name: str, dim: int | None = None) -> nn.Module:
+    """The ParallelLinearAdapter that fits `module` (column, row or plain nn.Linear)."""
+    kind = base_kind(module)
+    weight = module.weight
+    if kind == "none":
+        in_features, out_features = module.in_features, module.out_features
+        extra = {}
+    else:
+        in_features, out_features = module.input_size, module.output_size
+        extra = dict(tp_group=module.tp_group, sequence_parallel=module.sequence_parallel,
+                     gather_output=getattr(module, "gather_output", False),
+                     input_is_parallel=getattr(module, "input_is_parallel", True),
+                     stride=getattr(module, "stride", 1))
+    return ParallelLinearAdapter(
+        in_features, out_features, config.dim if dim is None else dim, base_kind=kind,
+        alpha=config.alpha, dropout=config.dropout, dropout_position=config.dropout_position,
+        lora_A_init_method=config.lora_A_init_method, lora_B_init_method=config.lora_B_init_method,
+        dtype=config.lora_dtype or weight.dtype, device=weight.device,
+        a2a_experimental=config.a2a_experimental, base_name=full_name, **extra)
+
+
+def is_lora_wrapper(module: nn.Module) -> bool:
+    """LoRALinear, or a MoE module that carries its own adapters (reference/moe.py)."""
+    return getattr(module, "is_lora_wrapper", False)
+
+
+def transform(config, module: nn.Module, name: str | None = None, prefix: str | None = None) -> nn.Module:
+    """LoRALinear(module, adapter) if the config selects `module`, else `module` unchanged."""
+    if is_lora_wrapper(module) or name is None:
+        return module
+    if match(config, module, name, prefix) is None:
+        return module
+    full_name = full_name_of(name, prefix)
+    for cls, builder in ADAPTER_BUILDERS.items():
+        if isinstance(module, cls):
+            return builder(config, module, full_name)
+    return LoRALinear(module, build_adapter(config, module, full_name))
+
+
+def _walk(config, module: nn.Module, prefix: str) -> None:
+    for name, child in list(module.named_children()):
+        if is_lora_wrapper(child):
+            continue
+        new = transform(config, child, name, prefix)
+        if new is not child:
+            setattr(module, name, new)
+        else:
+            _walk(config, child, full_name_of(name, prefix))
+
+
+def lora_adapters(model: nn.Module):
+    """Every adapter module in `model`."""
+    for module in model.modules():
+        if is_lora_wrapper(module):
+            yield from module.lora_adapters()
+
+
+def unmatched_patterns(config, chunks) -> list[str]:
+    """Target patterns that select none of the wrapped modules."""
+    wrapped = [full for chunk in chunks for full, m in chunk.named_modules() if is_lora_wrapper(m)]
+    return [p for p in config.target_modules
+            if not any(pattern_matches(p, full.rsplit(".", 1)[-1], full) for full in wrapped)]
+
+
+def apply_lora(model, config, training: bool = True):
+    """Freeze `model`, wrap every matched linear with an adapter, and set train/eval; returns model."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for param in chunk.parameters():
+            param.requires_grad_(False)
+        _walk(config, chunk, "")
+        for adapter in lora_adapters(chunk):
+            for param in adapter.parameters():
+                param.requires_grad_(training)
+        chunk.train(training)
+    unmatched = unmatched_patterns(config, chunks)
+    if unmatched:
+        warnings.warn(f"LoRA target_modules matched no module: {unmatched}", UserWarning, stacklevel=3)
+    return model
