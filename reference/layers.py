@@ -15,7 +15,11 @@ RowParallelLinear splits W by columns (the input features):
     the bias is added once, after the reduction
 
 forward(x) returns (output, bias): bias is None unless skip_bias_add, in which case the caller adds
-it (Megatron fuses that add into the next op). Parameters are initialized on the full matrix (see
+it (Megatron fuses that add into the next op).
+
+explicit_expert_comm=True (MoE experts, over the expert-TP group): the layer communicates nothing;
+the token dispatcher has already gathered the input and its combine step sums the row layer's
+partial outputs (and reduces the input gradients). Parameters are initialized on the full matrix (see
 init.py) and sharded, so the gathered weight does not depend on t.
 """
 
@@ -155,14 +159,18 @@ class ColumnParallelLinear(_ParallelLinear):
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
-                 params_dtype: torch.dtype = torch.float32, device=None, stride: int = 1):
+                 params_dtype: torch.dtype = torch.float32, device=None, stride: int = 1,
+                 explicit_expert_comm: bool = False):
         tp_size = dist.get_world_size(get_parallel_state().tp_group if tp_group is None else tp_group)
         _check_size("output_size", output_size)
         check_divisible("output_size", output_size, tp_size * stride, "tp_size * stride")
         if gather_output and stride != 1:
             # The gathered output would be [part0_0, part1_0, part0_1, ...], not [part0; part1].
             raise ValueError("gather_output=True requires stride=1 (allowed: gather_output=False with any stride)")
+        if explicit_expert_comm and (gather_output or sequence_parallel):
+            raise ValueError("explicit_expert_comm=True allows neither gather_output nor sequence_parallel")
         self.gather_output = bool(gather_output)
+        self.explicit_expert_comm = bool(explicit_expert_comm)
         super().__init__(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
                          skip_bias_add=skip_bias_add, init_method=init_method, tp_group=tp_group,
                          params_dtype=params_dtype, device=device, stride=stride)
@@ -182,7 +190,7 @@ class ColumnParallelLinear(_ParallelLinear):
                      self.tp_size, seq_divisible=False)
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, self.tp_group)   # (s/t, b, in) -> (s, b, in)
-        else:
+        elif not self.explicit_expert_comm:
             x = copy_to_tensor_parallel_region(x, self.tp_group)         # (s, b, in); grad all-reduced
         bias = None if self.skip_bias_add else self.bias
         y = F.linear(x, self.weight, bias)                               # (s, b, out/t)
@@ -200,14 +208,18 @@ class RowParallelLinear(_ParallelLinear):
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
                  skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
-                 params_dtype: torch.dtype = torch.float32, device=None):
+                 params_dtype: torch.dtype = torch.float32, device=None, explicit_expert_comm: bool = False):
         tp_size = dist.get_world_size(get_parallel_state().tp_group if tp_group is None else tp_group)
         _check_size("input_size", input_size)
         check_divisible("input_size", input_size, tp_size, "the TP size")
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel=True requires input_is_parallel=True (allowed: "
                              "input_is_parallel=True, or sequence_parallel=False)")
+        if explicit_expert_comm and (bias or sequence_parallel or not input_is_parallel):
+            raise ValueError("explicit_expert_comm=True requires bias=False, sequence_parallel=False "
+                             "and input_is_parallel=True (its output is a partial sum)")
         self.input_is_parallel = bool(input_is_parallel)
+        self.explicit_expert_comm = bool(explicit_expert_comm)
         super().__init__(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
                          skip_bias_add=skip_bias_add, init_method=init_method, tp_group=tp_group,
                          params_dtype=params_dtype, device=device, stride=1)
@@ -229,6 +241,8 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group)      # (s, b, in) -> (s, b, in/t)
         partial = F.linear(x, self.weight)                               # (s, b, out), partial sum
+        if self.explicit_expert_comm:
+            return partial, None                                         # the MoE combine sums it
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)  # (s/t, b, out)
         else:

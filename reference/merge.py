@@ -68,10 +68,10 @@ def merge_lora(model: nn.Module, *, keep_wrappers: bool = False) -> nn.Module:
     weight, leaving a model with no adapters. keep_wrappers=True: the wrappers stay, merged (their
     adapters are no longer called), so that `unmerge_lora` can undo it.
     """
-    from .lora.wrapper import LoRALinear
+    from .lora.transform import is_lora_wrapper
 
     def replace(child):
-        if isinstance(child, LoRALinear):
+        if is_lora_wrapper(child):
             child.merge_()
             return child if keep_wrappers else child.to_wrap
         return child
@@ -85,9 +85,9 @@ def merge_lora(model: nn.Module, *, keep_wrappers: bool = False) -> nn.Module:
 @torch.no_grad()
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo `merge_lora(model, keep_wrappers=True)`: subtract each adapter again (up to rounding)."""
-    from .lora.wrapper import LoRALinear
+    from .lora.transform import is_lora_wrapper
 
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if is_lora_wrapper(module):
             module.unmerge_()
     return model

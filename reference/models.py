@@ -9,6 +9,7 @@ TinyGPT (a pre-norm decoder):
     decoder.layers.N.pre_mlp_layernorm
     decoder.layers.N.mlp.linear_fc1                                 column-parallel, h -> ffn (2 ffn gated)
     decoder.layers.N.mlp.linear_fc2                                 row-parallel, ffn -> h
+    decoder.layers.N.mlp.{router, experts, shared_experts}         with num_moe_experts (reference/moe.py)
     decoder.final_layernorm
     output_layer                                                    column-parallel, h -> vocab, gathered
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .moe import MoELayer
 from .parallel import (
     check_divisible,
     default_device,
@@ -47,6 +49,12 @@ class TinyGPTConfig:
     sequence_parallel: bool = False
     init_method: str = "xavier"
     params_dtype: torch.dtype = torch.float32
+    # MoE: set num_moe_experts to replace every MLP by a MoE layer (reference/moe.py)
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_grouped_gemm: bool = True            # grouped experts (True) or sequential local_experts.N
+    moe_ffn_hidden_size: int | None = None   # default: ffn_hidden_size
+    moe_shared_expert_intermediate_size: int | None = None
 
     def check(self, tp_size: int) -> None:
         """Raise a ValueError naming the field if this config cannot run at `tp_size`."""
@@ -133,7 +141,15 @@ class TransformerLayer(nn.Module):
         self.input_layernorm = nn.LayerNorm(h, device=device, dtype=dtype)
         self.self_attention = SelfAttention(config, tp_group, device, dtype)
         self.pre_mlp_layernorm = nn.LayerNorm(h, device=device, dtype=dtype)
-        self.mlp = MLP(config, tp_group, device, dtype)
+        if config.num_moe_experts:
+            self.mlp = MoELayer(h, config.moe_ffn_hidden_size or config.ffn_hidden_size, config.num_moe_experts,
+                                config.moe_router_topk, grouped=config.moe_grouped_gemm,
+                                gated=config.gated_linear_unit,
+                                shared_expert_size=config.moe_shared_expert_intermediate_size,
+                                tp_group=tp_group, sequence_parallel=config.sequence_parallel,
+                                device=device, dtype=dtype)
+        else:
+            self.mlp = MLP(config, tp_group, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, bias = self.self_attention(self.input_layernorm(x))

@@ -54,6 +54,12 @@ from ..parallel import (
 BASE_KINDS = ("column", "row", "none")
 
 
+def _place_in_hidden_shard(y: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """(..., h/t) -> (..., h): y in slice `rank` of the last dim, zeros elsewhere."""
+    pieces = [y if q == rank else torch.zeros_like(y) for q in range(size)]
+    return torch.cat(pieces, dim=-1)
+
+
 class LoRAWeight(nn.Module):
     """A bias-free linear map y = x W^T holding this rank's shard of W (A or B of the adapter)."""
 
@@ -77,7 +83,7 @@ class ParallelLinearAdapter(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None, tp_group=None,
                  sequence_parallel: bool = False, a2a_experimental: bool = False,
                  gather_output: bool = False, input_is_parallel: bool = True, stride: int = 1,
-                 base_name: str = "adapter"):
+                 explicit_expert_comm: bool = False, base_name: str = "adapter"):
         super().__init__()
         if base_kind not in BASE_KINDS:
             raise ValueError(f"base_kind must be one of {list(BASE_KINDS)}, got {base_kind!r}")
@@ -98,14 +104,18 @@ class ParallelLinearAdapter(nn.Module):
         self.gather_output = bool(gather_output) and base_kind == "column"
         self.input_is_parallel = bool(input_is_parallel) or base_kind != "row"
         self.stride = stride if base_kind == "column" else 1
+        self.explicit_expert_comm = bool(explicit_expert_comm) and base_kind != "none"
         self._check_divisibility()
-
-        # Draw the full A then the full B from the global generator (see reference/init.py), then shard.
-        full_A = init_full_weight((dim, in_features), lora_A_init_method, field="lora_A_init_method")
-        full_B = init_full_weight((out_features, dim), lora_B_init_method, field="lora_B_init_method")
+        self.init_methods = (lora_A_init_method, lora_B_init_method)
         device = default_device() if device is None else torch.device(device)
-        self.linear_in = LoRAWeight(self._shard_A(full_A).to(device=device, dtype=dtype))
-        self.linear_out = LoRAWeight(self._shard_B(full_B).to(device=device, dtype=dtype))
+        self.linear_in, self.linear_out = self._init_weights(device, dtype)
+
+    def _init_weights(self, device, dtype) -> tuple[LoRAWeight, LoRAWeight]:
+        """Draw the full A, then the full B, from the global generator (reference/init.py); shard."""
+        full_A = init_full_weight((self.dim, self.in_features), self.init_methods[0], field="lora_A_init_method")
+        full_B = init_full_weight((self.out_features, self.dim), self.init_methods[1], field="lora_B_init_method")
+        return (LoRAWeight(self._shard_A(full_A).to(device=device, dtype=dtype)),
+                LoRAWeight(self._shard_B(full_B).to(device=device, dtype=dtype)))
 
     def _check_divisibility(self) -> None:
         t, where = self.tp_size, f"for the {self.base_kind}-parallel base {self.base_name}"
@@ -153,39 +163,47 @@ class ParallelLinearAdapter(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapt(x, self.linear_in.weight, self.linear_out.weight)
+
+    def _adapt(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """scale * B A x for this rank's shards A, B (the data flow of the module docstring)."""
         if self.dropout_position == "pre":
             x = self.dropout(x)
-        x = x.to(self.linear_in.weight.dtype)
+        x = x.to(A.dtype)
         if self.base_kind == "column":
-            y = self._column_forward(x)
+            y = self._column_forward(x, A, B)
         elif self.base_kind == "row":
-            y = self._row_forward(x)
+            y = self._row_forward(x, A, B)
         else:
-            y = self.linear_out(self.linear_in(x))                              # (s, b, out)
+            y = F.linear(F.linear(x, A), B)                                    # (s, b, out)
         if self.dropout_position == "post":
             y = self.dropout(y)
         return y * self.scale
 
-    def _column_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _column_forward(self, x, A, B):
         group = self.tp_group
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, group)                  # (s/t, b, in) -> (s, b, in)
-        else:
+        elif not self.explicit_expert_comm:
             x = copy_to_tensor_parallel_region(x, group)                        # (s, b, in), grad all-reduced
-        h = gather_from_tensor_parallel_region(self.linear_in(x), group)        # (s, b, r/t) -> (s, b, r)
+        h = gather_from_tensor_parallel_region(F.linear(x, A), group)           # (s, b, r/t) -> (s, b, r)
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
-        y = self.linear_out(h)                                                  # (s, b, out/t)
+        y = F.linear(h, B)                                                      # (s, b, out/t)
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, group)                    # (s, b, out)
         return y
 
-    def _row_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _row_forward(self, x, A, B):
         group = self.tp_group
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, group)                     # (s, b, in) -> (s, b, in/t)
-        h = reduce_from_tensor_parallel_region(self.linear_in(x), group)        # (s, b, r), summed over ranks
+        h = reduce_from_tensor_parallel_region(F.linear(x, A), group)           # (s, b, r), summed over ranks
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
-        y = self.linear_out(h)                                                  # (s, b, out/t)
+        y = F.linear(h, B)                                                      # (s, b, out/t)
+        if self.explicit_expert_comm:
+            # The base expert's output is a partial sum that the MoE combine adds over expert-TP
+            # ranks: contribute our hidden shard in place and zeros elsewhere, so the sum is B h.
+            return _place_in_hidden_shard(y, self.tp_rank, self.tp_size)        # (s, b, out)
         if self.a2a_experimental:
             return all_to_all_hidden_to_sequence_parallel_region(y, group)      # (s/t, b, out)
         y = gather_from_tensor_parallel_region(y, group)                        # (s, b, out)

@@ -21,6 +21,7 @@ from functools import lru_cache
 from torch import nn
 
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..moe import GroupedLinear, TopKRouter
 
 
 @lru_cache(maxsize=None)
@@ -33,18 +34,11 @@ def pattern_matches(pattern: str, name: str, full_name: str) -> bool:
     return name == pattern or _wildcard_regex(pattern).fullmatch(full_name) is not None
 
 
-_LINEAR_TYPES: list[type] = [ColumnParallelLinear, RowParallelLinear, nn.Linear]
-
-
-def register_linear_type(cls: type) -> type:
-    """Make modules of `cls` candidates for LoRA (used by reference/moe.py for expert layers)."""
-    if cls not in _LINEAR_TYPES:
-        _LINEAR_TYPES.append(cls)
-    return cls
+LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear, nn.Linear, GroupedLinear, TopKRouter)
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, tuple(_LINEAR_TYPES))
+    return isinstance(module, LINEAR_TYPES)
 
 
 def full_name_of(name: str, prefix: str | None) -> str:

@@ -18,13 +18,11 @@ import warnings
 from torch import nn
 
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..moe import GroupedLinear, TopKRouter
 from .adapter import ParallelLinearAdapter
+from .experts import effective_dim, wrap_grouped_linear, wrap_router
 from .matching import full_name_of, match, pattern_matches
 from .wrapper import LoRALinear
-
-# Hooks for module kinds defined elsewhere (reference/moe.py): type -> builder(config, module, full_name)
-ADAPTER_BUILDERS: dict[type, object] = {}
-
 
 def base_kind(module: nn.Module) -> str:
     if isinstance(module, ColumnParallelLinear):
@@ -34,7 +32,7 @@ def base_kind(module: nn.Module) -> str:
     return "none"
 
 
-def build_adapter(config, module: nn.Module, full_name: str, dim: int | None = None) -> nn.Module:
+def build_adapter(config, module: nn.Module, full_name: str) -> nn.Module:
     """The ParallelLinearAdapter that fits `module` (column, row or plain nn.Linear)."""
     kind = base_kind(module)
     weight = module.weight
@@ -46,9 +44,10 @@ def build_adapter(config, module: nn.Module, full_name: str, dim: int | None = N
         extra = dict(tp_group=module.tp_group, sequence_parallel=module.sequence_parallel,
                      gather_output=getattr(module, "gather_output", False),
                      input_is_parallel=getattr(module, "input_is_parallel", True),
-                     stride=getattr(module, "stride", 1))
+                     stride=getattr(module, "stride", 1),
+                     explicit_expert_comm=getattr(module, "explicit_expert_comm", False))
     return ParallelLinearAdapter(
-        in_features, out_features, config.dim if dim is None else dim, base_kind=kind,
+        in_features, out_features, effective_dim(config, module, full_name), base_kind=kind,
         alpha=config.alpha, dropout=config.dropout, dropout_position=config.dropout_position,
         lora_A_init_method=config.lora_A_init_method, lora_B_init_method=config.lora_B_init_method,
         dtype=config.lora_dtype or weight.dtype, device=weight.device,
@@ -67,9 +66,10 @@ def transform(config, module: nn.Module, name: str | None = None, prefix: str | 
     if match(config, module, name, prefix) is None:
         return module
     full_name = full_name_of(name, prefix)
-    for cls, builder in ADAPTER_BUILDERS.items():
-        if isinstance(module, cls):
-            return builder(config, module, full_name)
+    if isinstance(module, GroupedLinear):
+        return wrap_grouped_linear(config, module, full_name)
+    if isinstance(module, TopKRouter):
+        return wrap_router(config, module, full_name)
     return LoRALinear(module, build_adapter(config, module, full_name))
 
 

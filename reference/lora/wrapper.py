@@ -39,20 +39,25 @@ class LoRALinear(nn.Module):
             out = out + self.adapter(x).to(out.dtype)
         return (out, bias) if returns_tuple else out
 
+    def _merged(self, sign: float) -> torch.Tensor:
+        """This rank's shard of W + sign (alpha/r) B A (a collective under TP)."""
+        return merge_lora_weight(self.to_wrap.weight, self.adapter, sign=sign)
+
+    @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """This rank's shard of W + (alpha/r) B A, in the base weight's dtype (a collective under TP)."""
         if self.merged:
             return self.to_wrap.weight.detach().clone()
-        return merge_lora_weight(self.to_wrap.weight, self.adapter)
+        return self._merged(1.0)
 
     @torch.no_grad()
     def merge_(self) -> None:
         if not self.merged:
-            self.to_wrap.weight.copy_(merge_lora_weight(self.to_wrap.weight, self.adapter))
+            self.to_wrap.weight.copy_(self._merged(1.0))
             self.merged = True
 
     @torch.no_grad()
     def unmerge_(self) -> None:
         if self.merged:
-            self.to_wrap.weight.copy_(merge_lora_weight(self.to_wrap.weight, self.adapter, sign=-1.0))
+            self.to_wrap.weight.copy_(self._merged(-1.0))
             self.merged = False

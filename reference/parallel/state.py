@@ -46,6 +46,8 @@ class ParallelState:
     expert_tp_group: dist.ProcessGroup
     expert_tp_size: int
     expert_tp_rank: int
+    # The ep * etp ranks that share one set of experts: MoE tokens are gathered and combined here.
+    expert_tp_ep_group: dist.ProcessGroup
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -138,10 +140,13 @@ def initialize_model_parallel(
         for t in range(etp)
     ]
 
+    block_groups = [list(range(s, s + block)) for s in range(0, world, block)]
+
     tp_group, tp_ranks = _my_group(tp_groups, rank)
     dp_group, dp_ranks = _my_group(dp_groups, rank)
     ep_group, ep_ranks = _my_group(ep_groups, rank)
     etp_group, etp_ranks = _my_group(etp_groups, rank)
+    block_group, _ = _my_group(block_groups, rank)
     _STATE = ParallelState(
         world_size=world,
         rank=rank,
@@ -149,6 +154,7 @@ def initialize_model_parallel(
         dp_group=dp_group, dp_size=len(dp_ranks), dp_rank=dp_ranks.index(rank),
         ep_group=ep_group, ep_size=ep, ep_rank=ep_ranks.index(rank),
         expert_tp_group=etp_group, expert_tp_size=etp, expert_tp_rank=etp_ranks.index(rank),
+        expert_tp_ep_group=block_group,
     )
     return _STATE
 
