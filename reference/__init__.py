@@ -1,9 +1,11 @@
 """A readable reference for tensor-parallel LoRA (Megatron-style), in plain PyTorch."""
 
 from .layers import ColumnParallelLinear, RowParallelLinear
-from .lora import LoRA, LoRALinear, ParallelLinearAdapter
+from .lora import LoRA, LoRALinear, ParallelLinearAdapter, finalize_lora_grads
 from .merge import LoRAMerge, merge_lora, unmerge_lora
-from .models import TinyGPT, TinyGPTConfig
+from .models import TinyGPT, TinyGPTConfig, TinyVLM
+from .moe import MoELayer
+from .vlm import VLMLoRA
 from .parallel import (
     ParallelState,
     destroy_model_parallel,
@@ -13,7 +15,7 @@ from .parallel import (
 )
 
 __all__ = [
-    "LoRA", "LoRALinear", "ParallelLinearAdapter", "LoRAMerge", "merge_lora", "unmerge_lora",
+    "LoRA", "VLMLoRA", "TinyVLM", "MoELayer", "finalize_lora_grads", "LoRALinear", "ParallelLinearAdapter", "LoRAMerge", "merge_lora", "unmerge_lora",
     "ColumnParallelLinear", "RowParallelLinear", "TinyGPT", "TinyGPTConfig", "ParallelState",
     "init_distributed", "initialize_model_parallel", "get_parallel_state", "destroy_model_parallel",
 ]

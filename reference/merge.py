@@ -30,15 +30,20 @@ class LoRAMerge:
         the shapes: A with dim/tp_size rows is a column-base shard, B with fewer rows than the base
         is a row-base shard."""
         A, B = linear_in, linear_out
-        if tp_size > 1 and A.shape[0] * tp_size == dim:
-            A = gather_shards(A, 0, tp_group)                                     # (r/t, in) -> (r, in)
-        elif tp_size > 1 and B.shape[0] * tp_size == base_weight.shape[0]:
-            B = gather_shards(B, 0, tp_group)                                     # (out/t, r) -> (out, r)
-        if (B.shape[0], A.shape[1]) != tuple(base_weight.shape) or B.shape[1] != A.shape[0]:
+        gather_A = tp_size > 1 and A.shape[0] * tp_size == dim                   # column base: A is split
+        gather_B = tp_size > 1 and not gather_A and B.shape[0] * tp_size == base_weight.shape[0]  # row base
+        # Check the shapes the product will have before any rank starts a gather.
+        A_rows = A.shape[0] * (tp_size if gather_A else 1)
+        B_rows = B.shape[0] * (tp_size if gather_B else 1)
+        if (B_rows, A.shape[1]) != tuple(base_weight.shape) or B.shape[1] != A_rows or A_rows != dim:
             raise ValueError(
-                f"cannot merge: B {tuple(B.shape)} @ A {tuple(A.shape)} does not give the base weight's "
-                f"shape {tuple(base_weight.shape)} (tp_size={tp_size}, dim={dim})"
+                f"cannot merge: linear_out {tuple(B.shape)} @ linear_in {tuple(A.shape)} with tp_size={tp_size} "
+                f"and dim={dim} does not give the base weight's shape {tuple(base_weight.shape)}"
             )
+        if gather_A:
+            A = gather_shards(A, 0, tp_group)                                     # (r/t, in) -> (r, in)
+        if gather_B:
+            B = gather_shards(B, 0, tp_group)                                     # (out/t, r) -> (out, r)
         dtype = _compute_dtype(base_weight.dtype)
         delta = (alpha / dim) * (B.to(dtype) @ A.to(dtype))
         return (base_weight.to(dtype) + delta).to(base_weight.dtype)

@@ -193,17 +193,82 @@ class TinyGPT(nn.Module):
                 device=device, init_method=config.init_method)
         self.embedding.to(device)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be 2-D (b, s), got shape {tuple(input_ids.shape)}")
-        b, s = input_ids.shape
-        if s > self.config.max_sequence_length:
-            raise ValueError(f"sequence length {s} exceeds max_sequence_length {self.config.max_sequence_length}")
+    def forward(self, input_ids: torch.Tensor | None = None, *, decoder_input: torch.Tensor | None = None):
+        """Logits (b, s, vocab) of input_ids (b, s), or of ready embeddings decoder_input (s, b, h)."""
+        if decoder_input is None:
+            if input_ids is None or input_ids.dim() != 2:
+                shape = None if input_ids is None else tuple(input_ids.shape)
+                raise ValueError(f"input_ids must be 2-D (b, s), got shape {shape}")
+            if input_ids.shape[1] > self.config.max_sequence_length:
+                raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_sequence_length "
+                                 f"{self.config.max_sequence_length}")
+            x = self.embedding(input_ids)                                # (s, b, h)
+        else:
+            x = decoder_input
         if self.config.sequence_parallel:
-            check_divisible("sequence length of input_ids", s, self.tp_size, "the TP size")
-        x = self.embedding(input_ids)                                    # (s, b, h)
+            check_divisible("sequence length of the input", x.shape[0], self.tp_size, "the TP size")
         if self.config.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, self.tp_group)    # (s/t, b, h)
         x = self.decoder(x)                                              # (s or s/t, b, h)
         logits, _ = self.output_layer(x)                                 # (s, b, vocab)
         return logits.transpose(0, 1)                                    # (b, s, vocab)
+
+
+class VisionModel(nn.Module):
+    """Patches (b, n, patch_dim) -> (n, b, h_v): a linear patch embedding and a transformer block."""
+
+    def __init__(self, config: TinyGPTConfig, patch_dim: int, tp_group, device, dtype):
+        super().__init__()
+        self.patch_embed = nn.Linear(patch_dim, config.hidden_size, device=device, dtype=dtype)
+        self.decoder = TransformerBlock(config, tp_group, device, dtype)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.patch_embed(patches).transpose(0, 1))
+
+
+class MultimodalProjector(nn.Module):
+    """vision_projection.encoder.linear_fc1 (column) -> GELU -> linear_fc2 (row): h_v -> h."""
+
+    def __init__(self, vision_hidden: int, hidden: int, tp_group, device, dtype):
+        super().__init__()
+        self.encoder = nn.Module()
+        common = dict(tp_group=tp_group, device=device, params_dtype=dtype)
+        self.encoder.linear_fc1 = ColumnParallelLinear(vision_hidden, hidden, **common)
+        self.encoder.linear_fc2 = RowParallelLinear(hidden, hidden, **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.encoder.linear_fc1(x)
+        out, _ = self.encoder.linear_fc2(F.gelu(hidden))
+        return out
+
+
+class TinyVLM(nn.Module):
+    """LLaVA-shaped: vision_model -> vision_projection -> prepended to the text -> language_model.
+
+    forward(patches (b, n, patch_dim), input_ids (b, s)) -> logits (b, n + s, vocab).
+    Sequence parallelism is not used here (the parts are small); TP is.
+    """
+
+    def __init__(self, language_config: TinyGPTConfig | None = None, *, vision_hidden_size: int = 16,
+                 patch_dim: int = 12, seed: int = 0, tp_group=None, device=None):
+        super().__init__()
+        language_config = TinyGPTConfig() if language_config is None else language_config
+        if language_config.sequence_parallel:
+            raise ValueError("TinyVLM does not use sequence_parallel (allowed: sequence_parallel=False)")
+        tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
+        device = default_device() if device is None else torch.device(device)
+        dtype = language_config.params_dtype
+        vision_config = TinyGPTConfig(hidden_size=vision_hidden_size, num_layers=1,
+                                      num_attention_heads=language_config.num_attention_heads,
+                                      ffn_hidden_size=2 * vision_hidden_size, params_dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.vision_model = VisionModel(vision_config, patch_dim, tp_group, device, dtype)
+            self.vision_projection = MultimodalProjector(vision_hidden_size, language_config.hidden_size,
+                                                         tp_group, device, dtype)
+        self.language_model = TinyGPT(language_config, seed=seed + 1, tp_group=tp_group, device=device)
+
+    def forward(self, patches: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        image = self.vision_projection(self.vision_model(patches))      # (n, b, h)
+        text = self.language_model.embedding(input_ids)                  # (s, b, h)
+        return self.language_model(decoder_input=torch.cat([image, text], dim=0))

@@ -73,7 +73,7 @@ def check_bad_model_config():
     with pytest.raises(ValueError, match=r"num_attention_heads \(3\) must be divisible by the TP size"):
         TinyGPT(TinyGPTConfig(num_attention_heads=3, hidden_size=24))
     model = TinyGPT(TinyGPTConfig(sequence_parallel=True))
-    with pytest.raises(ValueError, match="sequence length of input_ids"):
+    with pytest.raises(ValueError, match="sequence length of the input"):
         model(torch.zeros(1, 5, dtype=torch.long, device=device()))
     with pytest.raises(ValueError, match="input_ids must be 2-D"):
         model(torch.zeros(5, dtype=torch.long, device=device()))

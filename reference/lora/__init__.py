@@ -9,7 +9,8 @@ from torch import nn
 from .adapter import LoRAWeight, ParallelLinearAdapter
 from .config import DEFAULT_TARGET_MODULES, LoRAConfig
 from .matching import is_linear_like, match, pattern_matches
-from .transform import apply_lora, build_adapter, lora_adapters, transform
+from .experts import finalize_lora_grads
+from .transform import apply_lora, build_adapter, freeze_all, lora_adapters, transform
 from .wrapper import LoRALinear
 
 
@@ -24,6 +25,10 @@ class LoRA(LoRAConfig):
     def __call__(self, model, training: bool = True):
         return apply_lora(model, self, training=training)
 
+    def freeze_model(self, model, training: bool = True) -> None:
+        """Freeze every parameter of the model (or of each chunk); train mode when training."""
+        freeze_all(model, training)
+
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None) -> nn.Module:
         return transform(self, module, name, prefix)
 
@@ -33,5 +38,5 @@ class LoRA(LoRAConfig):
 
 __all__ = [
     "LoRA", "LoRAConfig", "LoRALinear", "LoRAWeight", "ParallelLinearAdapter", "DEFAULT_TARGET_MODULES",
-    "apply_lora", "build_adapter", "transform", "match", "pattern_matches", "is_linear_like", "lora_adapters",
+    "apply_lora", "build_adapter", "freeze_all", "finalize_lora_grads", "transform", "match", "pattern_matches", "is_linear_like", "lora_adapters",
 ]

@@ -1,11 +1,13 @@
 """Putting adapters into a model: match, build the adapter for the base's kind, wrap, freeze.
 
     apply_lora(model, config, training=True)
-      1. freeze every parameter of the model (the base weights never train);
+      1. config.freeze_model(model, training): LoRA freezes every parameter (the base weights never
+         train); VLMLoRA freezes only the parts it is told to (reference/vlm.py);
       2. walk the modules depth-first; each match is replaced by LoRALinear(base, adapter) and not
          descended into; existing LoRALinear modules are left as they are (so applying twice changes
          nothing);
-      3. adapters are trainable when `training`, frozen otherwise; the model is put in train(training);
+      3. adapters are trainable; with training=False every parameter is frozen and the model is put
+         in eval mode;
       4. target patterns that matched no module are reported in one warning.
 
 A model may also be a list of modules (pipeline chunks): each is handled in turn.
@@ -98,16 +100,24 @@ def unmatched_patterns(config, chunks) -> list[str]:
             if not any(pattern_matches(p, full.rsplit(".", 1)[-1], full) for full in wrapped)]
 
 
+def freeze_all(model, training: bool = True) -> None:
+    """Freeze every parameter; train mode when training (LoRA's freeze_model)."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        chunk.train(training)
+
+
 def apply_lora(model, config, training: bool = True):
     """Freeze `model`, wrap every matched linear with an adapter, and set train/eval; returns model."""
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    getattr(config, "freeze_model", freeze_all)(chunks, training)
     for chunk in chunks:
-        for param in chunk.parameters():
-            param.requires_grad_(False)
         _walk(config, chunk, "")
         for adapter in lora_adapters(chunk):
-            for param in adapter.parameters():
-                param.requires_grad_(training)
+            adapter.requires_grad_(True)
+        if not training:
+            chunk.requires_grad_(False)
         chunk.train(training)
     unmatched = unmatched_patterns(config, chunks)
     if unmatched:

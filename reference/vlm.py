@@ -1,0 +1,50 @@
+"""VLMLoRA: LoRA for vision-language models, with per-part freezing.
+
+A VLM here has three parts, as in Megatron's LLaVA: `vision_model`, `vision_projection` and
+`language_model` (a model may also hold them under `llava_model`). VLMLoRA freezes the parts whose
+flag is set *before* the adapters are created, and nothing else:
+
+    freeze_vision_model       (True)  vision_model.requires_grad_(False)
+    freeze_vision_projection  (True)  vision_projection.requires_grad_(False)
+    freeze_language_model     (True)  language_model.requires_grad_(False)
+
+So a part whose flag is False is trained in full, and adapters inside frozen parts are trainable.
+Parts that are None or absent are skipped. `training=False` freezes everything, adapters included.
+The model may be a bare module or a list of pipeline chunks (each handled the same way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .lora import LoRA
+
+VLM_PARTS = ("vision_model", "vision_projection", "language_model")
+
+
+@dataclass
+class VLMLoRA(LoRA):
+    freeze_vision_model: bool = True
+    freeze_vision_projection: bool = True
+    freeze_language_model: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("freeze_vision_model", "freeze_vision_projection", "freeze_language_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def freeze_model(self, model, training: bool = True) -> None:
+        """Freeze the flagged parts of each chunk (looking inside `llava_model` if present)."""
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        flags = (self.freeze_vision_model, self.freeze_vision_projection, self.freeze_language_model)
+        for chunk in chunks:
+            holder: nn.Module = getattr(chunk, "llava_model", None) or chunk
+            for part_name, freeze in zip(VLM_PARTS, flags):
+                part = getattr(holder, part_name, None)
+                if freeze and part is not None:
+                    part.requires_grad_(False)
+            if training:
+                chunk.train()
