@@ -1,6 +1,269 @@
-"""Placeholder until the conformance suite lands: it checks nothing and says so."""
+"""torchrun --nproc-per-node N -m conformance [--backend pkg.module:Class] [options]
 
+Checks a LoRA backend against SPEC.md with hypothesis properties, SPMD over the ranks torchrun
+started (or one process without torchrun). Exit code: 0 when nothing failed, 1 on any failure (or
+XPASS with --strict-deviations), 2 on bad usage, 3 when a rank had to be stopped by the watchdog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import importlib
+import json
+import os
+import platform
+import re
 import sys
+import threading
+import time
 
-print("conformance: the suite is not implemented yet; nothing was checked.", file=sys.stderr)
-sys.exit(2)
+PROFILES = {"quick": 4, "default": 12, "thorough": 100}
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m conformance",
+        description="Check a LoRA backend against the tensor-parallel LoRA reference (SPEC.md).")
+    parser.add_argument("--backend", default="reference",
+                        help="'reference' (default) or 'pkg.module:ClassName' of a conformance.backend.Backend")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                        help="example budget per property: quick=%(quick)d, default=%(default)d, "
+                             "thorough=%(thorough)d" % PROFILES)
+    parser.add_argument("--max-examples", type=_positive_int, default=None,
+                        help="examples per property (overrides --profile)")
+    parser.add_argument("--seed", type=_nonnegative_int, default=0, help="hypothesis seed (default 0)")
+    parser.add_argument("-k", dest="keyword", default=None,
+                        help="select properties: words match id, section or clause; 'and', 'or', 'not', ()")
+    parser.add_argument("--deviations", default=None, help="file of declared deviations (skip/xfail with reasons)")
+    parser.add_argument("--strict-deviations", action="store_true", help="an XPASS fails the run")
+    parser.add_argument("--report-json", default=None, help="write the full report as JSON")
+    parser.add_argument("--junitxml", default=None, help="write a JUnit XML report")
+    parser.add_argument("--report-md", default=None, help="write the summary as a Markdown table")
+    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds a collective may block before it counts as a hang; a property that "
+                             "runs past 3x this is stopped on every rank (default %(default)s)")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma list of extra dtypes to draw besides float32 (default: bfloat16,float16 "
+                             "on CUDA, none on CPU)")
+    parser.add_argument("--replay", default=None, metavar="ID=JSON", help="run one example of one property")
+    parser.add_argument("--list", action="store_true", help="list the properties and exit")
+    args = parser.parse_args(argv)
+    if args.keyword is not None:
+        try:
+            keyword_matcher(args.keyword)
+        except ValueError as e:
+            parser.error(f"-k: {e}")
+    if args.replay is not None and "=" not in args.replay:
+        parser.error("--replay expects PROPERTY_ID=JSON_EXAMPLE")
+    if args.dtypes is not None:
+        from .context import DTYPES
+
+        bad = [d for d in args.dtypes.split(",") if d and d not in DTYPES]
+        if bad:
+            parser.error(f"--dtypes: unknown {bad}; allowed: {sorted(DTYPES)}")
+    return args
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def keyword_matcher(expression: str):
+    """pytest-style -k: words (substrings of id/section/clauses) joined by and/or/not and parentheses."""
+    tokens = re.findall(r"\(|\)|[^\s()]+", expression)
+    if not tokens:
+        raise ValueError("empty expression")
+    words, python = [], []
+    for token in tokens:
+        if token in ("and", "or", "not", "(", ")"):
+            python.append(token)
+        else:
+            python.append(f"_w[{len(words)}]")
+            words.append(token.lower())
+    code = " ".join(python)
+    try:
+        compile(code, "-k", "eval")
+    except SyntaxError:
+        raise ValueError(f"cannot parse {expression!r}") from None
+
+    def matches(prop) -> bool:
+        haystack = " ".join([prop.id, prop.section, *prop.clauses]).lower()
+        return bool(eval(code, {"__builtins__": {}}, {"_w": [w in haystack for w in words]}))
+
+    return matches
+
+
+def load_backend(spec: str):
+    if spec == "reference":
+        from .backends.reference import ReferenceBackend
+
+        return ReferenceBackend()
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"conformance: --backend must be 'reference' or 'pkg.module:ClassName', got {spec!r}")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"conformance: cannot load backend {spec!r}: {e}") from None
+    return target()
+
+
+def start_watchdog(limit_s: float, what: dict) -> None:
+    """If one property runs past limit_s on this rank, print where every thread is and stop."""
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            started = what.get("started")
+            if started is not None and time.monotonic() - started > limit_s:
+                print(f"\nconformance: rank {what['rank']}: property {what['property']} ran past {limit_s:.0f} s "
+                      f"(a hang the collective timeout did not catch); stopping this rank. Stacks:",
+                      file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr)
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="conformance-watchdog").start()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import torch.distributed as dist
+    import hypothesis
+
+    from . import deviations as deviations_mod
+    from . import report
+    from .context import DTYPES, Context
+    from .registry import load_all
+    from .runner import FAIL, NA, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, run_property
+
+    properties = load_all()
+    if args.list:
+        for p in properties:
+            print(f"{p.id:<55} [{', '.join(p.clauses)}]  needs: {', '.join(sorted(p.needs)) or '-'}")
+        return 0
+    try:
+        deviation_list = deviations_mod.load(args.deviations) if args.deviations else []
+    except deviations_mod.DeviationError as e:
+        print(f"conformance: {e}", file=sys.stderr)
+        return 2
+    backend = load_backend(args.backend)
+
+    from reference.parallel import init_distributed
+
+    init_distributed(timeout_s=args.timeout)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    control_group = dist.new_group(backend="gloo", timeout=_timedelta(3 * args.timeout + 60))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if args.dtypes is not None:
+        extra = tuple(d for d in args.dtypes.split(",") if d)
+    else:
+        extra = ("bfloat16", "float16") if device.type == "cuda" else ()
+    ctx = Context(world, rank, device, control_group, dtypes=("float32", *extra))
+
+    selected = properties
+    if args.keyword:
+        match = keyword_matcher(args.keyword)
+        selected = [p for p in properties if match(p)]
+    replay = None
+    if args.replay:
+        prop_id, _, example = args.replay.partition("=")
+        selected = [p for p in properties if p.id == prop_id]
+        if not selected:
+            print(f"conformance: --replay: no property {prop_id!r} (see --list)", file=sys.stderr)
+            return 2
+        replay = json.loads(example)
+
+    budget = args.max_examples or PROFILES[args.profile]
+    options = RunOptions(budget=budget, seed=args.seed, timeout_s=args.timeout, backend_spec=args.backend,
+                         world_size=world, profile=args.profile)
+    header = {"backend": args.backend, "backend_description": backend.describe(), "world_size": world,
+              "tp_sizes": ctx.tp_sizes, "device": str(device), "dist_backend": dist.get_backend(),
+              "dtypes": list(ctx.dtypes), "profile": args.profile, "examples_per_property": budget,
+              "seed": args.seed, "timeout_s": args.timeout, "torch": torch.__version__,
+              "hypothesis": hypothesis.__version__, "python": platform.python_version(),
+              "capabilities": sorted(backend.capabilities)}
+    warnings = [f"deviation line {d.line} '{d.pattern}' matches no property"
+                for d in deviations_mod.unmatched(deviation_list, properties)]
+    if rank == 0:
+        print(f"conformance: backend {header['backend_description']}\n"
+              f"  world {world} ({header['dist_backend']}, {device}), TP sizes {ctx.tp_sizes}, dtypes {list(ctx.dtypes)}\n"
+              f"  torch {torch.__version__}, hypothesis {hypothesis.__version__}, profile {args.profile} "
+              f"({budget} examples/property), seed {args.seed}, timeout {args.timeout:.0f} s\n"
+              f"  {len(selected)} properties selected of {len(properties)}")
+        for w in warnings:
+            print(f"warning: {w}")
+
+    watch = {"rank": rank, "property": None, "started": None}
+    start_watchdog(3 * args.timeout, watch)
+    progress = Progress(enabled=rank == 0 and sys.stdout.isatty(), total=len(selected))
+    outcomes = []
+    started = time.monotonic()
+    for index, prop in enumerate(selected, start=1):
+        progress.index = index
+        missing = sorted(prop.needs - set(backend.capabilities))
+        deviation = deviations_mod.find(deviation_list, prop)
+        if missing:
+            outcome = Outcome(prop, NA, reason=f"backend lacks: {', '.join(missing)}")
+        elif world < prop.min_world:
+            outcome = Outcome(prop, NA, reason=f"needs world size >= {prop.min_world}")
+        elif deviation is not None and deviation.kind == "skip":
+            outcome = Outcome(prop, SKIP, reason=deviation.reason)
+        else:
+            watch.update(property=prop.id, started=time.monotonic())
+            outcome = run_property(prop, ctx, backend, options, progress, replay)
+            watch.update(property=None, started=None)
+            if deviation is not None:
+                outcome.reason = deviation.reason
+                outcome.status = XFAIL if outcome.status == FAIL else XPASS
+        outcomes.append(outcome)
+        if rank == 0:
+            line = f"[{index:>3}/{len(selected)}] {prop.id:<55} {outcome.status:<15} {outcome.examples:>4} ex {outcome.seconds:6.2f}s"
+            print(("\r" if progress.enabled else "") + line, flush=True)
+    header["elapsed_s"] = round(time.monotonic() - started, 2)
+
+    if rank == 0:
+        print(report.summary_text(outcomes, header))
+        if args.report_json:
+            report.write_json(args.report_json, outcomes, header, warnings)
+        if args.junitxml:
+            report.write_junit(args.junitxml, outcomes, header)
+        if args.report_md:
+            report.write_markdown(args.report_md, outcomes, header)
+    failed = any(o.status == FAIL for o in outcomes) or (args.strict_deviations and any(o.status == XPASS for o in outcomes))
+    dist.barrier(group=control_group)
+    dist.destroy_process_group()
+    if rank != 0:
+        return 0   # rank 0 carries the verdict; torchrun fails the run when rank 0 exits non-zero
+    if failed and world > 1:
+        time.sleep(1.0)   # let the other ranks exit first, so torchrun need not terminate them
+    return 1 if failed else 0
+
+
+def _timedelta(seconds: float):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,6 +48,7 @@ def _size(group: dist.ProcessGroup) -> int:
 
 # torch 2.13 renamed the tensor-in/tensor-out all-gather; take whichever this torch has.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.contiguous().clone()  # a fresh tensor: the caller's input is never modified
@@ -70,7 +71,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     check_divisible(f"size of dim {dim}", x.shape[dim], size, "the group size")
     x = x.movedim(dim, 0).contiguous()                                   # (n, ...)
     out = x.new_empty((x.shape[0] // size,) + tuple(x.shape[1:]))        # (n/size, ...)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    _reduce_scatter_single(out, x, group=group)
     return out.movedim(0, dim).contiguous()
 
 

@@ -26,6 +26,7 @@ DEFAULT_TIMEOUT_S = 300.0
 
 _STATE: "ParallelState | None" = None
 _GROUP_CACHE: dict[tuple[int, ...], dist.ProcessGroup] = {}
+_TIMEOUT = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)   # for every group this module creates
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
     if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    global _TIMEOUT
     if dist.is_initialized():
         return
+    _TIMEOUT = datetime.timedelta(seconds=timeout_s)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -82,7 +85,7 @@ def _group(ranks: list[int]) -> dist.ProcessGroup:
     """The process group of exactly these ranks, created once (a collective call on all ranks)."""
     key = tuple(ranks)
     if key not in _GROUP_CACHE:
-        _GROUP_CACHE[key] = dist.new_group(list(key))
+        _GROUP_CACHE[key] = dist.new_group(list(key), timeout=_TIMEOUT)
     return _GROUP_CACHE[key]
 
 
@@ -166,10 +169,20 @@ def get_parallel_state() -> ParallelState:
     return _STATE
 
 
-def destroy_model_parallel() -> None:
-    """Forget the current layout (the cached groups stay alive for reuse)."""
+def destroy_model_parallel(forget_groups: bool = False) -> None:
+    """Forget the current layout. The cached groups stay alive for reuse unless forget_groups, which
+    makes the next layout create fresh groups (after a collective failed or timed out, the old ones
+    may be out of step)."""
     global _STATE
     _STATE = None
+    if forget_groups:
+        _GROUP_CACHE.clear()
+
+
+def set_group_timeout(timeout_s: float) -> None:
+    """The timeout of the groups created from now on (existing groups keep theirs)."""
+    global _TIMEOUT
+    _TIMEOUT = datetime.timedelta(seconds=timeout_s)
 
 
 def default_device() -> torch.device:

@@ -1,0 +1,101 @@
+"""What a property sees: the world, the device, and tools to move between full and sharded tensors.
+
+Properties compute expected values from full tensors in float64 on every rank, then compare the
+backend's local results with the right piece of the expectation (or gather the backend's shards and
+compare with the whole). The layouts are SPEC.md's; these helpers are the suite's own and never the
+backend's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# Tolerances by dtype (rtol, atol), in the style of torch.testing.assert_close's defaults. The
+# reduced-precision ones are wider because a TP layer sums in a different order than the full math.
+TOLERANCES = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class Context:
+    world_size: int
+    rank: int
+    device: torch.device
+    control_group: object                      # gloo group the suite uses for outcomes, never the backend
+    dtypes: tuple[str, ...] = ("float32",)     # reduced dtypes this device supports, plus float32
+    log: list = field(default_factory=list)
+
+    @property
+    def tp_sizes(self) -> list[int]:
+        return divisors(self.world_size)
+
+    # -- tensors --------------------------------------------------------------------------------
+    def randn(self, shape, seed: int, dtype=torch.float64, scale: float = 1.0) -> torch.Tensor:
+        """The same tensor on every rank: drawn on the CPU from its own generator, then moved."""
+        generator = torch.Generator().manual_seed(seed)
+        t = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+        return t.to(device=self.device, dtype=dtype)
+
+    # -- layouts ----------------------------------------------------------------------------------
+    @staticmethod
+    def piece(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
+        """Rank `rank`'s shard of `full` along `dim` (with `stride` stacked blocks, SPEC [TP-COL-1])."""
+        blocks = full.chunk(stride, dim=dim)
+        return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim)
+
+    @staticmethod
+    def gather(local: torch.Tensor, dim: int, group, stride: int = 1) -> torch.Tensor:
+        """All ranks' `local` (same shape) joined along `dim` into the full tensor (no autograd)."""
+        size = dist.get_world_size(group)
+        local = local.detach().contiguous()
+        if size == 1:
+            return local.clone()
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local, group=group)
+        per_rank = [p.chunk(stride, dim=dim) for p in parts]
+        return torch.cat([torch.cat([pr[k] for pr in per_rank], dim=dim) for k in range(stride)], dim=dim)
+
+    @staticmethod
+    def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+        out = t.detach().clone()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(out, group=group)
+        return out
+
+    # -- comparisons ------------------------------------------------------------------------------
+    @staticmethod
+    def assert_close(actual, expected: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0):
+        """Compare with the tolerance of `dtype`; the message says what was compared."""
+        if not isinstance(actual, torch.Tensor):
+            raise AssertionError(f"{what}: expected a tensor, got {type(actual).__name__}")
+        if tuple(actual.shape) != tuple(expected.shape):
+            raise AssertionError(f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+        actual64 = actual.detach().to(device=expected.device, dtype=torch.float64)
+        if not torch.isfinite(actual64).all():
+            bad = (~torch.isfinite(actual64)).sum().item()
+            raise AssertionError(f"{what}: {bad} non-finite values (NaN/inf)")
+        rtol, atol = TOLERANCES[dtype]
+        # Reduced-precision results are judged relative to the size of the values involved.
+        magnitude = expected.abs().max().item() if expected.numel() else 0.0
+        atol = atol * scale * max(1.0, magnitude if dtype in (torch.bfloat16, torch.float16) else 1.0)
+        try:
+            torch.testing.assert_close(actual64, expected.to(torch.float64), rtol=rtol * scale, atol=atol)
+        except AssertionError as e:
+            raise AssertionError(f"{what} ({dtype}): {e}") from None
+
+    @staticmethod
+    def check(condition: bool, message: str) -> None:
+        if not condition:
+            raise AssertionError(message)

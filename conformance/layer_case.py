@@ -1,0 +1,186 @@
+"""One base layer with LoRA, built by the backend from full tensors the suite chose.
+
+A layer example (a dict drawn by `layer_examples`) fixes the base kind, the TP size, the layout
+flags, the sizes, the dtype and the seeds of every full tensor. `build` asks the backend for the
+layer and its LoRA, then writes this rank's shards of the full A and B into the backend's adapter
+parameters *using SPEC.md's sharding* ([LORA-FWD-2]); a backend that shards differently is caught
+there or by the forward check. `expected` gives the full-matrix float64 answers.
+
+Layouts (SPEC.md): input of a column layer replicated (s, b, in), or its sequence shard under SP;
+of a row layer its hidden shard (s, b, in/t) (the full input when input_is_parallel=False). Output of
+a column layer its hidden shard (with stride), or the full output when gathered; of a row layer the
+full output, or its sequence shard under SP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from .backend import Container, LinearSpec
+from .context import DTYPES, Context
+
+NAMES = {"column": "linear_qkv", "row": "linear_proj", "linear": "linear_fc1"}
+
+
+@st.composite
+def layer_examples(draw, ctx, kinds=("column", "row", "linear"), sp=(False, True), a2a=(False, True),
+                   bias=(False, True), dtypes=None, tp=None, dropout=False, alpha=None, dim_multiple=None):
+    """A layer example: plain values only (so it prints as JSON and replays with --replay)."""
+    kind = draw(st.sampled_from(list(kinds)))
+    t = draw(st.sampled_from(list(tp or ctx.tp_sizes))) if kind != "linear" else 1
+    ex = {"kind": kind, "tp": t}
+    ex["sp"] = draw(st.sampled_from(list(sp))) if kind != "linear" and t > 1 else False
+    ex["a2a"] = draw(st.sampled_from(list(a2a))) if kind == "row" and ex["sp"] else False
+    ex["gather_output"] = draw(st.booleans()) if kind == "column" and not ex["sp"] else False
+    ex["input_is_parallel"] = draw(st.booleans()) if kind == "row" and not ex["sp"] else True
+    ex["stride"] = draw(st.sampled_from([1, 2])) if kind == "column" and not ex["gather_output"] else 1
+    ex["bias"] = draw(st.sampled_from(list(bias)))
+    ex["skip_bias_add"] = draw(st.booleans()) if ex["bias"] and kind != "linear" else False
+    ex["s"] = t * draw(st.integers(1, 3))
+    ex["b"] = draw(st.integers(1, 2))
+    ex["in"] = t * draw(st.integers(1, 4))
+    ex["out"] = t * ex["stride"] * draw(st.integers(1, 4))
+    ex["dim"] = (dim_multiple or t) * draw(st.integers(1, 4)) if kind == "column" else draw(st.integers(1, 8))
+    ex["alpha"] = alpha if alpha is not None else draw(st.sampled_from([1, 8, 16, 32, 0.5]))
+    ex["dtype"] = draw(st.sampled_from(list(dtypes or ctx.dtypes)))
+    ex["seed"] = draw(st.integers(0, 2**16))
+    if dropout:
+        ex["dropout"] = draw(st.sampled_from([0.25, 0.5]))
+        ex["dropout_position"] = draw(st.sampled_from(["pre", "post"]))
+    return ex
+
+
+@dataclass
+class Built:
+    ex: dict
+    groups: object
+    container: Container
+    wrapped: object
+    W: torch.Tensor          # full, float64 (values exactly representable in the example's dtype)
+    bias: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def scale(self) -> float:
+        return self.ex["alpha"] / self.ex["dim"]
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 values that the dtype holds exactly, so the full math uses what the backend stores."""
+    return t.to(dtype).to(torch.float64)
+
+
+def lora_config(ex: dict, name: str, **overrides):
+    import reference
+
+    fields = dict(target_modules=[name], dim=ex["dim"], alpha=ex["alpha"], dropout=ex.get("dropout", 0.0),
+                  dropout_position=ex.get("dropout_position", "pre"), a2a_experimental=ex.get("a2a", False))
+    fields.update(overrides)
+    return reference.LoRA(**fields)
+
+
+def build(ctx, backend, ex: dict, load_adapter: bool = True, **lora_overrides) -> Built:
+    dtype = DTYPES[ex["dtype"]]
+    groups = backend.init_parallel(ex["tp"]) if ex["kind"] != "linear" else backend.init_parallel(1)
+    seed = ex["seed"]
+    W = _rounded(ctx.randn((ex["out"], ex["in"]), seed, scale=ex["in"] ** -0.5), dtype)
+    bias = _rounded(ctx.randn((ex["out"],), seed + 1), dtype) if ex["bias"] else None
+    name = NAMES[ex["kind"]]
+    spec = LinearSpec(kind=ex["kind"], in_features=ex["in"], out_features=ex["out"], weight=W.to(dtype),
+                      bias=None if bias is None else bias.to(dtype), sequence_parallel=ex["sp"],
+                      skip_bias_add=ex["skip_bias_add"], gather_output=ex["gather_output"],
+                      input_is_parallel=ex["input_is_parallel"], stride=ex["stride"], dtype=dtype,
+                      groups=groups, name=name)
+    container = Container(name, backend.make_linear(spec))
+    config = backend.validate_config(lora_config(ex, name, **lora_overrides))
+    backend.apply_lora(container, config, training=True)
+    wrapped = container.layer()
+    A = _rounded(ctx.randn((ex["dim"], ex["in"]), seed + 2, scale=ex["in"] ** -0.5), dtype)
+    B = _rounded(ctx.randn((ex["out"], ex["dim"]), seed + 3, scale=ex["dim"] ** -0.5), dtype)
+    built = Built(ex, groups, container, wrapped, W, bias, A, B, dtype)
+    if load_adapter:
+        load_adapter_weights(built, backend)
+    return built
+
+
+def adapter_shard_specs(ex: dict, groups) -> tuple[tuple, tuple]:
+    """(dim, stride) for A and for B per SPEC [LORA-FWD-2]; dim None = not sharded."""
+    if ex["kind"] == "column":
+        return (0, 1), (0, ex["stride"])
+    if ex["kind"] == "row":
+        return (1, 1), (0, 1)
+    return (None, 1), (None, 1)
+
+
+def local_piece(ctx, full, dim, groups, stride=1):
+    if dim is None or groups.tp_size == 1:
+        return full
+    return ctx.piece(full, dim, groups.tp_rank, groups.tp_size, stride)
+
+
+def load_adapter_weights(built: Built, backend, A=None, B=None) -> None:
+    """Write this rank's SPEC shards of the full A and B into the backend's adapter parameters."""
+    A_param, B_param = backend.adapter_weights(built.wrapped)
+    A_spec, B_spec = adapter_shard_specs(built.ex, built.groups)
+    for label, param, full, (dim, stride) in (("A", A_param, built.A if A is None else A, A_spec),
+                                                ("B", B_param, built.B if B is None else B, B_spec)):
+        local = local_piece(Context, full, dim, built.groups, stride)
+        if tuple(param.shape) != tuple(local.shape):
+            raise AssertionError(
+                f"adapter {label} on this rank has shape {tuple(param.shape)}; SPEC [LORA-FWD-2] gives "
+                f"{tuple(local.shape)} for a {built.ex['kind']} base (full {tuple(full.shape)}, tp={built.ex['tp']})")
+        with torch.no_grad():
+            param.copy_(local.to(param.dtype))
+
+
+def input_layout(ex: dict) -> tuple:
+    """(dim, stride) of this rank's input piece; dim None = replicated."""
+    if ex["kind"] == "column" and ex["sp"]:
+        return 0, 1
+    if ex["kind"] == "row" and ex["input_is_parallel"]:
+        return -1, 1
+    return None, 1
+
+
+def output_layout(ex: dict) -> tuple:
+    """(dim, stride) of this rank's output piece; dim None = replicated."""
+    if ex["kind"] == "column" and not ex["gather_output"]:
+        return -1, ex["stride"]
+    if ex["kind"] == "row" and ex["sp"]:
+        return 0, 1
+    return None, 1
+
+
+def expected(built: Built, X: torch.Tensor, G: torch.Tensor, lora: bool = True) -> dict:
+    """Full float64 forward and gradients for input X (s, b, in) and upstream gradient G (s, b, out)."""
+    W, A, B, s = built.W, built.A, built.B, built.scale
+    Y = X @ W.T
+    if built.bias is not None and not built.ex["skip_bias_add"]:
+        Y = Y + built.bias
+    H = X @ A.T                                                   # (s, b, d)
+    if lora:
+        Y = Y + s * H @ B.T
+    Xf, Gf, Hf = X.reshape(-1, X.shape[-1]), G.reshape(-1, G.shape[-1]), H.reshape(-1, H.shape[-1])
+    dX = G @ W + (s * (G @ B) @ A if lora else 0)
+    dB = s * Gf.T @ Hf                                            # (out, d)
+    dA = s * (Gf @ B).T @ Xf                                      # (d, in)
+    return {"Y": Y, "dX": dX, "dA": dA, "dB": dB}
+
+
+def run(ctx, built: Built, X: torch.Tensor, G: torch.Tensor):
+    """Forward this rank's input piece, backward this rank's loss; returns (y_local, bias, x_local)."""
+    ex = built.ex
+    dim, stride = input_layout(ex)
+    x = local_piece(ctx, X, dim, built.groups, stride).to(built.dtype).clone().requires_grad_(True)
+    result = built.wrapped(x)
+    y, returned_bias = (result if isinstance(result, tuple) else (result, None))
+    out_dim, out_stride = output_layout(ex)
+    g = local_piece(ctx, G, out_dim, built.groups, out_stride)
+    if isinstance(y, torch.Tensor) and y.shape == g.shape:
+        (y.float() * g.float()).sum().backward()
+    return y, returned_bias, x

@@ -1,0 +1,1 @@
+"""Property modules, one per SPEC section; each registers its properties on import."""

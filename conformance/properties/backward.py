@@ -1,0 +1,63 @@
+"""SPEC section 5: gradients of A, B and the input, against full-matrix float64 math."""
+
+from __future__ import annotations
+
+from ..layer_case import adapter_shard_specs, build, expected, input_layout, layer_examples, local_piece, run
+from ..registry import prop
+
+
+def _check_backward(ctx, backend, ex):
+    built = build(ctx, backend, ex)
+    X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
+    G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
+    _, _, x = run(ctx, built, X, G)
+    want = expected(built, X, G)
+    A, B = backend.adapter_weights(built.wrapped)
+    (A_dim, A_stride), (B_dim, B_stride) = adapter_shard_specs(ex, built.groups)
+    where = f"{ex['kind']} base, tp={ex['tp']}, sp={ex['sp']}, rank {ctx.rank}"
+    ctx.check(A.grad is not None and B.grad is not None, f"adapter A or B got no gradient ({where})")
+    ctx.assert_close(A.grad, local_piece(ctx, want["dA"], A_dim, built.groups, A_stride), built.dtype,
+                     f"gradient of A ({where})", scale=4)
+    ctx.assert_close(B.grad, local_piece(ctx, want["dB"], B_dim, built.groups, B_stride), built.dtype,
+                     f"gradient of B ({where})", scale=4)
+    in_dim, in_stride = input_layout(ex)
+    ctx.check(x.grad is not None, f"the input got no gradient ({where})")
+    ctx.assert_close(x.grad, local_piece(ctx, want["dX"], in_dim, built.groups, in_stride), built.dtype,
+                     f"gradient of the input ({where})", scale=4)
+    return built
+
+
+@prop("LORA-BWD-1", "LORA-BWD-2", "TP-COLL-1", needs={"tp"},
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,)))
+def parallel_gradients_match_full_math(ctx, backend, ex):
+    """dA, dB (this rank's shards) and dx (its layout) equal the full-matrix gradients."""
+    _check_backward(ctx, backend, ex)
+
+
+@prop("LORA-BWD-1", "LORA-BWD-2", "LORA-FWD-3", "LORA-FWD-4", needs={"tp", "sp"}, min_world=2,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
+    """The same under sequence parallelism (and a2a when drawn, if the backend has it)."""
+    if ex["a2a"] and "a2a" not in backend.capabilities:
+        ex = dict(ex, a2a=False)
+    _check_backward(ctx, backend, ex)
+
+
+@prop("LORA-BWD-1", "LORA-BWD-2", needs={"linear"}, strategy=lambda ctx: layer_examples(ctx, kinds=("linear",)))
+def linear_gradients_match_full_math(ctx, backend, ex):
+    """A plain nn.Linear base: the same gradients."""
+    _check_backward(ctx, backend, ex)
+
+
+@prop("LORA-BWD-3", strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,)))
+def base_weights_are_frozen(ctx, backend, ex):
+    """After LoRA is applied the base weight and bias do not require grad and get no gradient."""
+    if ex["kind"] != "linear" and "tp" not in backend.capabilities:
+        ex = dict(ex, kind="linear", tp=1)
+    built = _check_backward(ctx, backend, ex)
+    for name, param in built.container.named_parameters():
+        is_adapter = any(param is w for w in backend.adapter_weights(built.wrapped))
+        if not is_adapter:
+            ctx.check(not param.requires_grad, f"base parameter {name} requires grad after LoRA")
+            ctx.check(param.grad is None, f"base parameter {name} received a gradient")

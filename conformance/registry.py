@@ -1,0 +1,61 @@
+"""Properties: a check of one or more SPEC clauses over examples drawn by hypothesis.
+
+    @prop("LORA-FWD-1", "LORA-FWD-2", needs={"tp"},
+          strategy=lambda ctx: st.fixed_dictionaries({"tp": st.sampled_from(ctx.tp_sizes), ...}))
+    def column_forward_matches_full_math(ctx, backend, ex):
+        ...   # raise AssertionError (or use ctx.assert_close) when the backend is wrong
+
+A property's id is "<section>.<function name>", its section the module it lives in
+(conformance/properties/<section>.py, one module per SPEC section). An example is a dict of plain
+values (ints, bools, strings), so a failing one can be printed as JSON and replayed with --replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+PROPERTIES: list["Property"] = []
+
+
+@dataclass
+class Property:
+    id: str
+    section: str
+    clauses: tuple[str, ...]
+    needs: frozenset[str]
+    strategy: Callable
+    fn: Callable
+    doc: str
+    weight: float = 1.0          # share of the profile's example budget (heavy properties: less)
+    min_world: int = 1
+    dtypes: tuple[str, ...] = field(default_factory=tuple)
+
+    def max_examples(self, budget: int) -> int:
+        return max(1, round(budget * self.weight))
+
+
+def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_world: int = 1):
+    """Register a property checking `clauses`; see the module docstring."""
+
+    def register(fn):
+        section = fn.__module__.rsplit(".", 1)[-1]
+        PROPERTIES.append(Property(
+            id=f"{section}.{fn.__name__}", section=section, clauses=tuple(clauses),
+            needs=frozenset(needs), strategy=strategy, fn=fn, doc=(fn.__doc__ or "").strip(),
+            weight=weight, min_world=min_world))
+        return fn
+
+    return register
+
+
+def load_all() -> list[Property]:
+    """Import every property module (each registers its properties) and return them in order."""
+    import importlib
+    import pkgutil
+
+    from . import properties
+
+    for info in sorted(pkgutil.iter_modules(properties.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{properties.__name__}.{info.name}")
+    return list(PROPERTIES)

@@ -1,0 +1,116 @@
+"""Reports: the console summary, JSON, JUnit XML and a Markdown table (for pull requests)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from pathlib import Path
+from xml.etree import ElementTree
+
+from .runner import FAIL, NA, PASS, SKIP, XFAIL, XPASS
+
+STATUSES = (PASS, FAIL, XFAIL, XPASS, SKIP, NA)
+CLAUSE_ORDER = (FAIL, XPASS, XFAIL, PASS, SKIP, NA)   # a clause takes the first status any of its properties has
+
+
+def by_section(outcomes) -> "OrderedDict[str, dict[str, int]]":
+    table: OrderedDict[str, dict[str, int]] = OrderedDict()
+    for o in outcomes:
+        row = table.setdefault(o.property.section, {s: 0 for s in STATUSES})
+        row[o.status] += 1
+    return table
+
+
+def clause_verdicts(outcomes) -> "OrderedDict[str, dict]":
+    """clause id -> {"status", "properties"}: failed if any property failed, and so on down CLAUSE_ORDER."""
+    clauses: dict[str, list] = {}
+    for o in outcomes:
+        for clause in o.property.clauses:
+            clauses.setdefault(clause, []).append(o)
+    result = OrderedDict()
+    for clause in sorted(clauses, key=_clause_key):
+        statuses = {o.status for o in clauses[clause]}
+        status = next(s for s in CLAUSE_ORDER if s in statuses)
+        result[clause] = {"status": status, "properties": [o.property.id for o in clauses[clause]]}
+    return result
+
+
+def _clause_key(clause: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", clause)]
+
+
+def summary_text(outcomes, header: dict) -> str:
+    lines = ["", "Summary by SPEC section", ""]
+    columns = ["section", *STATUSES]
+    rows = [[section, *(str(counts[s]) for s in STATUSES)] for section, counts in by_section(outcomes).items()]
+    totals = ["total", *(str(sum(1 for o in outcomes if o.status == s)) for s in STATUSES)]
+    widths = [max(len(r[i]) for r in [columns, *rows, totals]) for i in range(len(columns))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines += [fmt.format(*columns), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    lines += [fmt.format(*("-" * w for w in widths)), fmt.format(*totals)]
+    failures = [o for o in outcomes if o.status in (FAIL, XPASS)]
+    for o in failures:
+        lines += ["", f"{o.status.upper()}: {o.property.id}  [{', '.join(o.property.clauses)}]"]
+        if o.message:
+            lines += ["  " + line for line in o.message.splitlines()]
+        if o.example is not None:
+            lines.append(f"  minimal example: {json.dumps(o.example, sort_keys=True)}")
+        if o.reproduce:
+            lines.append(f"  reproduce: {o.reproduce}")
+    verdicts = clause_verdicts(outcomes)
+    counts = {s: sum(1 for v in verdicts.values() if v["status"] == s) for s in STATUSES}
+    lines += ["", "Clauses: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
+    lines.append(f"Seed {header.get('seed')}, {header.get('elapsed_s', 0):.1f} s")
+    return "\n".join(lines)
+
+
+def write_json(path: str, outcomes, header: dict, warnings: list[str]) -> None:
+    data = {"header": header, "warnings": warnings,
+            "summary": {s: sum(1 for o in outcomes if o.status == s) for s in STATUSES},
+            "sections": by_section(outcomes), "clauses": clause_verdicts(outcomes),
+            "properties": [o.to_json() for o in outcomes]}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_junit(path: str, outcomes, header: dict) -> None:
+    suites = ElementTree.Element("testsuites", name=f"conformance[{header.get('backend')}]")
+    for section in by_section(outcomes):
+        cases = [o for o in outcomes if o.property.section == section]
+        suite = ElementTree.SubElement(suites, "testsuite", name=section, tests=str(len(cases)),
+                                       failures=str(sum(o.status in (FAIL, XPASS) for o in cases)),
+                                       skipped=str(sum(o.status in (SKIP, NA, XFAIL) for o in cases)))
+        for o in cases:
+            case = ElementTree.SubElement(suite, "testcase", classname=f"conformance.{section}",
+                                          name=o.property.id, time=f"{o.seconds:.3f}")
+            if o.status in (FAIL, XPASS):
+                failure = ElementTree.SubElement(case, "failure", message=(o.message or o.status).splitlines()[0][:200])
+                failure.text = "\n".join(filter(None, [o.message, f"minimal example: {json.dumps(o.example)}"
+                                                       if o.example is not None else "", o.reproduce]))
+            elif o.status in (SKIP, NA, XFAIL):
+                ElementTree.SubElement(case, "skipped", message=f"{o.status}: {o.reason}")
+    ElementTree.indent(suites)
+    ElementTree.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def markdown(outcomes, header: dict) -> str:
+    lines = [f"### Conformance: `{header.get('backend')}` (world {header.get('world_size')}, "
+             f"profile {header.get('profile')}, seed {header.get('seed')})", "",
+             "| section | " + " | ".join(STATUSES) + " |", "|---|" + "---|" * len(STATUSES)]
+    for section, counts in by_section(outcomes).items():
+        lines.append(f"| {section} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
+    lines += ["", "| clause | verdict | properties |", "|---|---|---|"]
+    for clause, verdict in clause_verdicts(outcomes).items():
+        lines.append(f"| {clause} | {verdict['status']} | {', '.join(verdict['properties'])} |")
+    failing = [o for o in outcomes if o.status in (FAIL, XPASS, XFAIL)]
+    if failing:
+        lines += ["", "| property | status | why |", "|---|---|---|"]
+        for o in failing:
+            why = (o.reason or o.message.splitlines()[0] if (o.reason or o.message) else "").replace("|", "\\|")
+            lines.append(f"| {o.property.id} | {o.status} | {why[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str, outcomes, header: dict) -> None:
+    Path(path).write_text(markdown(outcomes, header))

@@ -1,0 +1,182 @@
+"""Running properties SPMD: every rank draws the same examples and sees the same outcome.
+
+Hypothesis runs on every rank with the same seed, no database, no deadline and no timing health
+checks, and its shrink phase is limited by a count, not a clock. After each example the ranks
+exchange their outcomes over a gloo control group the backend never uses; if any rank failed, every
+rank raises the same AssertionError, so generation and shrinking stay in step on all ranks and end
+with the same minimal example.
+
+A collective that times out (a hung or mismatched collective) is turned into CollectiveHang, a
+BaseException that hypothesis does not catch: the property fails at once with a diagnosis and the
+runner rebuilds the process groups before the next property (old ones may be out of step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
+from hypothesis.errors import Flaky, HypothesisException
+from hypothesis.internal.conjecture import engine as _hypothesis_engine
+
+from .registry import Property
+
+# Shrinking must stop at the same point on every rank: by count (MAX_SHRINKS), never by wall clock.
+_hypothesis_engine.MAX_SHRINKING_SECONDS = 10**9
+_hypothesis_engine.MAX_SHRINKS = 150
+
+PASS, FAIL, XFAIL, XPASS, SKIP, NA = "passed", "failed", "xfailed", "xpassed", "skipped", "not applicable"
+
+
+class CollectiveHang(BaseException):
+    """A collective timed out on some rank: stop this property on every rank."""
+
+
+@dataclass
+class Outcome:
+    property: Property
+    status: str
+    examples: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    example: dict | None = None
+    reason: str = ""                       # for skip / xfail / n/a
+    reproduce: str = ""
+
+    def to_json(self) -> dict:
+        return {"id": self.property.id, "section": self.property.section, "clauses": list(self.property.clauses),
+                "status": self.status, "examples": self.examples, "seconds": round(self.seconds, 3),
+                "message": self.message, "minimal_example": self.example, "reason": self.reason,
+                "reproduce": self.reproduce}
+
+
+def _is_timeout(error: BaseException) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return "timed out" in text or "timeout" in text or type(error).__name__ == "DistBackendError"
+
+
+def spmd_call(ctx, fn) -> None:
+    """Run fn() on this rank, then agree with every rank on the outcome (a collective on the control group)."""
+    failure = None
+    try:
+        fn()
+    except Exception as error:   # noqa: BLE001 - the backend may raise anything; it is a verdict
+        summary = "".join(traceback.format_exception_only(type(error), error)).strip()
+        failure = {"summary": summary[:4000], "timeout": _is_timeout(error),
+                   "where": _innermost_frame(error)}
+    outcomes: list = [None] * ctx.world_size
+    dist.all_gather_object(outcomes, failure, group=ctx.control_group)
+    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
+    if not failed:
+        return
+    # Ranks that failed the same way are listed together.
+    same: dict[tuple, list[int]] = {}
+    for rank, f in failed:
+        same.setdefault((f["summary"], f["where"]), []).append(rank)
+    text = "\n".join(f"  rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {summary}"
+                     + (f"\n    at {where}" if where else "")
+                     for (summary, where), ranks in list(same.items())[:4])
+    if len(same) > 4:
+        text += f"\n  ... and {len(same) - 4} more distinct failures"
+    if any(f["timeout"] for _, f in failed):
+        raise CollectiveHang(f"a collective timed out (hung or mismatched across ranks):\n{text}")
+    raise AssertionError(f"failed on rank(s) {[r for r, _ in failed]}:\n{text}")
+
+
+def _innermost_frame(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+
+
+@dataclass
+class RunOptions:
+    budget: int = 25                 # examples per property of weight 1
+    seed: int = 0
+    timeout_s: float = 120.0
+    backend_spec: str = "reference"
+    world_size: int = 1
+    profile: str = "default"
+
+
+@dataclass
+class Progress:
+    """Live progress on rank 0: property, examples done of its budget, elapsed."""
+
+    enabled: bool
+    index: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def tick(self, prop: Property, done: int, budget: int, start: float) -> None:
+        if self.enabled:
+            print(f"\r[{self.index:>3}/{self.total}] {prop.id:<55} {done:>4}/{budget} examples "
+                  f"{time.monotonic() - start:6.1f}s", end="", flush=True)
+
+
+def reproduce_command(options: RunOptions, prop: Property, example: dict | None) -> str:
+    head = (f"torchrun --nproc-per-node {options.world_size} -m conformance --backend {options.backend_spec}"
+            if options.world_size > 1 else f"python -m conformance --backend {options.backend_spec}")
+    if example is None:
+        return f"{head} -k {prop.id} --seed {options.seed}"
+    return f"{head} --replay '{prop.id}={json.dumps(example, sort_keys=True)}'"
+
+
+def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Progress,
+                 replay: dict | None = None) -> Outcome:
+    """Run one property's examples on every rank; the Outcome is the same on every rank."""
+    budget = prop.max_examples(options.budget)
+    start = time.monotonic()
+    state = {"examples": 0, "last_failing": None}
+
+    def check(example: dict) -> None:
+        state["examples"] += 1
+        progress.tick(prop, state["examples"], budget, start)
+        try:
+            spmd_call(ctx, lambda: prop.fn(ctx, backend, example))
+        except AssertionError:
+            state["last_failing"] = example   # hypothesis replays the minimal example last
+            raise
+
+    try:
+        if replay is not None:
+            check(replay)
+        else:
+            test = given(prop.strategy(ctx))(check)
+            test = settings(max_examples=budget, derandomize=False, database=None, deadline=None,
+                            suppress_health_check=list(HealthCheck), print_blob=False,
+                            phases=[Phase.explicit, Phase.generate, Phase.shrink], report_multiple_bugs=False,
+                            verbosity=Verbosity.quiet)(test)
+            seed(options.seed)(test)()
+        status, message = PASS, ""
+    except CollectiveHang as hang:
+        status, message = FAIL, f"HANG: {hang}"
+        recover_groups(ctx, backend)
+    except AssertionError as error:
+        status, message = FAIL, _first_lines(str(error))
+    except Flaky as error:
+        status, message = FAIL, f"FLAKY: the failure did not reproduce on replay: {_first_lines(str(error))}"
+    except HypothesisException as error:
+        status, message = FAIL, f"{type(error).__name__}: {_first_lines(str(error))}"
+    example = state["last_failing"] if status == FAIL else None
+    return Outcome(prop, status, state["examples"], time.monotonic() - start, message, example,
+                   reproduce=reproduce_command(options, prop, example) if status == FAIL else "")
+
+
+def _first_lines(text: str, limit: int = 40) -> str:
+    lines = text.strip().splitlines()
+    return "\n".join(lines[:limit]) + (f"\n  ... ({len(lines) - limit} more lines)" if len(lines) > limit else "")
+
+
+def recover_groups(ctx, backend) -> None:
+    """After a timed-out collective: drop cached groups so the next layout creates fresh ones."""
+    from reference.parallel import destroy_model_parallel
+
+    destroy_model_parallel(forget_groups=True)
+    reset = getattr(backend, "reset_parallel", None)
+    if reset is not None:
+        reset()
+    dist.barrier(group=ctx.control_group)
