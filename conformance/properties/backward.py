@@ -14,7 +14,7 @@ def _check_backward(ctx, backend, ex):
     want = expected(built, X, G)
     A, B = backend.adapter_weights(built.wrapped)
     (A_dim, A_stride), (B_dim, B_stride) = adapter_shard_specs(ex, built.groups)
-    where = f"{ex['kind']} base, tp={ex['tp']}, sp={ex['sp']}, rank {ctx.rank}"
+    where = f"{ex['kind']} base, tp={ex['tp']}, sp={ex['sp']}"
     ctx.check(A.grad is not None and B.grad is not None, f"adapter A or B got no gradient ({where})")
     ctx.assert_close(A.grad, local_piece(ctx, want["dA"], A_dim, built.groups, A_stride), built.dtype,
                      f"gradient of A ({where})", scale=4)
