@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .parallel import gather_shards
+from .parallel import gather_shards, get_parallel_state
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,6 +30,8 @@ class LoRAMerge:
         the shapes: A with dim/tp_size rows is a column-base shard, B with fewer rows than the base
         is a row-base shard."""
         A, B = linear_in, linear_out
+        if tp_size > 1 and tp_group is None:
+            tp_group = get_parallel_state().tp_group
         gather_A = tp_size > 1 and A.shape[0] * tp_size == dim                   # column base: A is split
         gather_B = tp_size > 1 and not gather_A and B.shape[0] * tp_size == base_weight.shape[0]  # row base
         # Check the shapes the product will have before any rank starts a gather.

@@ -107,7 +107,9 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(s, b, self.local_heads, 3, self.head_dim)         # (s, b, nh/t, 3, hd)
         q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # (b, nh/t, s, hd)
         context = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh/t, s, hd)
-        context = context.permute(2, 0, 1, 3).reshape(s, b, -1)          # (s, b, h/t)
+        # contiguous: on CUDA a strided input makes F.linear's result depend on whether the weight
+        # requires grad, so a frozen base would differ in the last bits from a trainable one.
+        context = context.permute(2, 0, 1, 3).reshape(s, b, -1).contiguous()  # (s, b, h/t)
         return self.linear_proj(context)                                 # (out, bias)
 
 
