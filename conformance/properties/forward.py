@@ -56,11 +56,20 @@ def a2a_forward_matches_full_math(ctx, backend, ex):
     _check_forward(ctx, backend, ex, "a2a_experimental forward")
 
 
-@prop("LORA-FWD-5", needs={"tp"},
-      strategy=lambda ctx: st.tuples(layer_examples(ctx, kinds=("column", "row"), sp=(False,), dtypes=("float32",)),
+def as_plain_linear(ex: dict) -> dict:
+    """The same sizes on a plain nn.Linear base (for backends without tensor parallelism)."""
+    return dict(ex, kind="linear", tp=1, sp=False, a2a=False, gather_output=False, input_is_parallel=True,
+                stride=1, skip_bias_add=False)
+
+
+@prop("LORA-FWD-5",
+      strategy=lambda ctx: st.tuples(layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,),
+                                                    dtypes=("float32",)),
                                      st.sampled_from([1, 2, 4, 64]), st.sampled_from([0.25, 3.0, 128.0])))
 def scale_is_alpha_over_dim(ctx, backend, drawn):
-    """The update is scaled by alpha / dim for any alpha and dim."""
+    """The update is scaled by alpha / dim for any alpha and dim (on whatever bases the backend has)."""
     ex, dim_factor, alpha = drawn
+    if ex["kind"] != "linear" and "tp" not in backend.capabilities:
+        ex = as_plain_linear(ex)
     dim = ex["dim"] * dim_factor if ex["kind"] == "column" else max(1, ex["dim"] * dim_factor // 4)
     _check_forward(ctx, backend, dict(ex, dim=dim, alpha=alpha), f"scale alpha/dim = {alpha}/{dim}")

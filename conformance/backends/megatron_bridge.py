@@ -1,0 +1,231 @@
+"""Megatron-Bridge as a backend: its LoRA on megatron-core's Column/RowParallelLinear, under NCCL.
+
+    torchrun --nproc-per-node 2 -m conformance --backend conformance.backends.megatron_bridge:MegatronBridgeBackend \
+        --deviations conformance/deviations/megatron_bridge.txt
+
+Needs an installed `megatron-core` and `megatron-bridge` (Python >= 3.12) and CUDA. Megatron-Bridge's
+own LoRA code runs unchanged; this file only builds base layers, maps our config onto its `LoRA`,
+and reads its adapter parameters.
+
+Importing `megatron.bridge.peft.lora` without Transformer Engine needs three documented workarounds,
+applied only when `transformer_engine` cannot be imported (a real TE is never masked):
+1. `megatron/bridge/__init__.py` imports every model bridge (transformers, diffusers, ...): the package
+   is registered in sys.modules as a bare namespace so that only `megatron.bridge.peft` is loaded.
+2. `megatron/bridge/peft/lora_layers.py` does `import transformer_engine.pytorch as te` and uses only
+   `te.ops.Sequential` at import time (in annotations of the TE-fused path, which is built only with
+   `use_transformer_engine_op_fuser`): a stub with that one name is present only while that module
+   is imported, then removed.
+3. megatron-core's TE extension defines MagicMock stand-ins without TE, which makes
+   `megatron.bridge.peft.utils.HAVE_TE` True and `isinstance(m, <MagicMock>)` raise: HAVE_TE is set
+   False, which is the truth.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..backend import Backend, Groups, LinearSpec, ModelSpec
+
+_MEGATRON = None
+
+
+def _has_real_transformer_engine() -> bool:
+    try:
+        return importlib.util.find_spec("transformer_engine") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def megatron():
+    """Import megatron-core and Megatron-Bridge's peft package (once); returns a namespace."""
+    global _MEGATRON
+    if _MEGATRON is not None:
+        return _MEGATRON
+    import megatron.core  # noqa: F401
+    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    real_te = _has_real_transformer_engine()
+    if "megatron.bridge" not in sys.modules:              # workaround 1: skip the heavy package __init__
+        spec = importlib.util.find_spec("megatron.bridge")
+        package = types.ModuleType("megatron.bridge")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["megatron.bridge"] = package
+        sys.modules["megatron"].bridge = package
+    for name in ("megatron.bridge.peft.base", "megatron.bridge.peft.utils", "megatron.bridge.peft.module_matcher"):
+        importlib.import_module(name)
+    stubbed = []
+    if not real_te:                                       # workaround 2: a stub only while lora_layers imports
+        te = types.ModuleType("transformer_engine")
+        te.__path__ = []
+        te_pytorch = types.ModuleType("transformer_engine.pytorch")
+        te_pytorch.ops = types.SimpleNamespace(Sequential=type("Sequential", (), {}))
+        te.pytorch = te_pytorch
+        sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"] = te, te_pytorch
+        stubbed = ["transformer_engine", "transformer_engine.pytorch"]
+    try:
+        lora_layers = importlib.import_module("megatron.bridge.peft.lora_layers")
+    finally:
+        for name in stubbed:
+            sys.modules.pop(name, None)
+    lora = importlib.import_module("megatron.bridge.peft.lora")
+    lora_merge = importlib.import_module("megatron.bridge.peft.lora_merge")
+    utils = importlib.import_module("megatron.bridge.peft.utils")
+    if not real_te:
+        utils.HAVE_TE = False                             # workaround 3
+    import megatron.bridge as bridge_pkg
+
+    _MEGATRON = types.SimpleNamespace(
+        ModelParallelConfig=ModelParallelConfig, parallel_state=parallel_state, tensor_parallel=tensor_parallel,
+        ColumnParallelLinear=ColumnParallelLinear, RowParallelLinear=RowParallelLinear, LoRA=lora.LoRA,
+        LoRALinear=lora_layers.LoRALinear, LinearAdapter=lora_layers.LinearAdapter,
+        LoRAMerge=lora_merge.LoRAMerge, shimmed=not real_te,
+        version=getattr(bridge_pkg, "__version__", None) or _dist_version("megatron-bridge"),
+        core_version=_dist_version("megatron-core"))
+    return _MEGATRON
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
+    from reference.parallel import shard
+
+    return shard(full.detach().cpu(), dim, rank, size, stride)
+
+
+class MegatronBridgeBackend(Backend):
+    name = "megatron-bridge"
+    capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
+                              "merge", "models"})
+
+    def __init__(self):
+        self._layout = None
+
+    def describe(self) -> str:
+        m = megatron()
+        shim = " (no Transformer Engine: import workarounds on)" if m.shimmed else ""
+        return f"Megatron-Bridge {m.version} on megatron-core {m.core_version}{shim}, torch {torch.__version__}"
+
+    # -- parallel state -------------------------------------------------------------------------
+    def init_parallel(self, tp, ep=1, etp=None) -> Groups:
+        m = megatron()
+        layout = (tp, ep, etp)
+        if self._layout != layout:
+            if m.parallel_state.model_parallel_is_initialized():
+                m.parallel_state.destroy_model_parallel()
+            m.parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                                       expert_tensor_parallel_size=etp,
+                                                       create_gloo_process_groups=False)
+            m.tensor_parallel.model_parallel_cuda_manual_seed(1234)
+            self._layout = layout
+        group = m.parallel_state.get_tensor_model_parallel_group()
+        return Groups(group, dist.get_world_size(group), dist.get_rank(group))
+
+    def reset_parallel(self) -> None:
+        self._layout = None
+
+    def _config(self, tp: int, sequence_parallel: bool, dtype: torch.dtype):
+        m = megatron()
+        return m.ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel and tp > 1,
+                                     params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+    # -- layers ---------------------------------------------------------------------------------
+    def make_linear(self, spec: LinearSpec):
+        m = megatron()
+        groups = spec.groups or self.init_parallel(1)
+        device = torch.device("cuda", torch.cuda.current_device())
+        if spec.kind == "linear":
+            layer = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias is not None, dtype=spec.dtype,
+                              device=device)
+            with torch.no_grad():
+                layer.weight.copy_(spec.weight)
+                if spec.bias is not None:
+                    layer.bias.copy_(spec.bias)
+            return layer
+        config = self._config(groups.tp_size, spec.sequence_parallel, spec.dtype)
+        zeros = torch.nn.init.zeros_
+        if spec.kind == "column":
+            layer = m.ColumnParallelLinear(spec.in_features, spec.out_features, config=config, init_method=zeros,
+                                           bias=spec.bias is not None, gather_output=spec.gather_output,
+                                           stride=spec.stride, skip_bias_add=spec.skip_bias_add, tp_group=groups.tp_group)
+            weight = _shard(spec.weight, 0, groups.tp_rank, groups.tp_size, spec.stride)
+            bias = None if spec.bias is None else _shard(spec.bias, 0, groups.tp_rank, groups.tp_size, spec.stride)
+        else:
+            layer = m.RowParallelLinear(spec.in_features, spec.out_features, config=config, init_method=zeros,
+                                        bias=spec.bias is not None, input_is_parallel=spec.input_is_parallel,
+                                        skip_bias_add=spec.skip_bias_add, tp_group=groups.tp_group)
+            weight = _shard(spec.weight, 1, groups.tp_rank, groups.tp_size)
+            bias = spec.bias
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def make_model(self, spec: ModelSpec):
+        """The reference TinyGPT's network with every parallel linear replaced by megatron-core's, same weights."""
+        if spec.kind != "gpt":
+            raise NotImplementedError(f"no {spec.kind} model for Megatron-Bridge here")
+        import reference
+        from reference.layers import ColumnParallelLinear, RowParallelLinear
+
+        groups = self.init_parallel(self._layout[0] if self._layout else 1)
+        config = reference.TinyGPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                                         num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
+                                         ffn_hidden_size=spec.ffn_hidden_size, sequence_parallel=spec.sequence_parallel,
+                                         gated_linear_unit=spec.gated_linear_unit, params_dtype=spec.dtype)
+        model = reference.TinyGPT(config, seed=spec.seed, tp_group=groups.tp_group)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                weight, bias = module.full_weight()
+                kind = "column" if isinstance(module, ColumnParallelLinear) else "row"
+                layer = self.make_linear(LinearSpec(
+                    kind=kind, in_features=module.input_size, out_features=module.output_size, weight=weight,
+                    bias=bias, sequence_parallel=module.sequence_parallel, skip_bias_add=module.skip_bias_add,
+                    gather_output=getattr(module, "gather_output", False), stride=getattr(module, "stride", 1),
+                    dtype=spec.dtype, groups=groups))
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        return model
+
+    # -- LoRA -----------------------------------------------------------------------------------
+    def apply_lora(self, model, config, training=True):
+        m = megatron()
+        lora = m.LoRA(target_modules=list(config.target_modules), exclude_modules=list(config.exclude_modules),
+                      dim=config.dim, alpha=config.alpha, dropout=config.dropout,
+                      dropout_position=config.dropout_position, lora_A_init_method=config.lora_A_init_method,
+                      lora_B_init_method=config.lora_B_init_method, a2a_experimental=config.a2a_experimental,
+                      lora_dtype=config.lora_dtype, normalize_moe_lora=config.normalize_moe_lora,
+                      share_expert_adapters=config.share_expert_adapters)
+        return lora(model, training=training)
+
+    def lora_modules(self, model):
+        m = megatron()
+        return {name: mod for name, mod in model.named_modules() if isinstance(mod, (m.LoRALinear, m.LinearAdapter))}
+
+    def adapter_weights(self, wrapped):
+        m = megatron()
+        adapter = wrapped if isinstance(wrapped, m.LinearAdapter) else wrapped.adapter
+        return adapter.linear_in.weight, adapter.linear_out.weight
+
+    def base_weight(self, wrapped):
+        m = megatron()
+        return wrapped.weight if isinstance(wrapped, m.LinearAdapter) else wrapped.to_wrap.weight
+
+    def merge_weight(self, base_weight, linear_out, linear_in, alpha, dim, *, tp_size, tp_group):
+        return megatron().LoRAMerge().merge(base_weight, linear_out, linear_in, alpha, dim, tp_group=tp_group)
