@@ -92,8 +92,13 @@ class _ParallelLinear(nn.Module):
         self.init_method = init_method
         device = default_device() if device is None else torch.device(device)
 
-        full = init_full_weight((output_size, input_size), init_method)
-        local = shard(full, self.weight_shard_dim, self.tp_rank, self.tp_size, self._stride(0))
+        if init_method == "zero":   # draws nothing from the generator: no need for the full matrix
+            shape = [output_size, input_size]
+            shape[self.weight_shard_dim] //= self.tp_size
+            local = torch.zeros(shape, device=device, dtype=params_dtype)
+        else:
+            full = init_full_weight((output_size, input_size), init_method)
+            local = shard(full, self.weight_shard_dim, self.tp_rank, self.tp_size, self._stride(0))
         self.weight = nn.Parameter(local.to(device=device, dtype=params_dtype))
         if bias:
             self.bias = nn.Parameter(torch.zeros(self._bias_shape(), device=device, dtype=params_dtype))
