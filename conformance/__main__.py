@@ -178,7 +178,8 @@ def main(argv=None) -> int:
         extra = tuple(d for d in args.dtypes.split(",") if d)
     else:
         extra = ("bfloat16", "float16") if device.type == "cuda" else ()
-    ctx = Context(world, rank, device, control_group, dtypes=("float32", *extra))
+    ctx = Context(world, rank, device, control_group, dtypes=("float32", *extra),
+                  tp_sizes=[t for t in backend.tp_sizes(world) if world % t == 0] or [1])
 
     selected = properties
     if args.keyword:

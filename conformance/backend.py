@@ -48,6 +48,7 @@ CAPABILITIES = {
     "moe": "mixture-of-experts models (make_model 'moe'), expert parallelism, expert LoRA",
     "vlm": "vision-language models (make_model 'vlm') and VLMLoRA freezing",
     "config_validation": "rejects bad LoRA configs at construction (validate_config)",
+    "relayout": "switching TP sizes within one run (properties that compare TP=1 with TP=world)",
 }
 
 
@@ -115,6 +116,10 @@ class Backend:
     def describe(self) -> str:
         """One line for the report header (library versions, say)."""
         return self.name
+
+    def tp_sizes(self, world_size: int) -> list[int]:
+        """The TP sizes properties may draw (default: every divisor of the world size)."""
+        return [t for t in range(1, world_size + 1) if world_size % t == 0]
 
     # -- parallel state -----------------------------------------------------------------------
     def init_parallel(self, tp: int, ep: int = 1, etp: int | None = None) -> Groups:

@@ -35,11 +35,11 @@ class Context:
     device: torch.device
     control_group: object                      # gloo group the suite uses for outcomes, never the backend
     dtypes: tuple[str, ...] = ("float32",)     # reduced dtypes this device supports, plus float32
-    log: list = field(default_factory=list)
+    tp_sizes: list = field(default_factory=list)  # TP sizes to draw: divisors of the world the backend supports
 
-    @property
-    def tp_sizes(self) -> list[int]:
-        return divisors(self.world_size)
+    def __post_init__(self):
+        if not self.tp_sizes:
+            self.tp_sizes = divisors(self.world_size)
 
     # -- tensors --------------------------------------------------------------------------------
     def randn(self, shape, seed: int, dtype=torch.float64, scale: float = 1.0) -> torch.Tensor:
@@ -99,3 +99,38 @@ class Context:
     def check(condition: bool, message: str) -> None:
         if not condition:
             raise AssertionError(message)
+
+
+def raises_everywhere(ctx: Context, fn, errors: tuple, what: str, mentions: tuple = ()) -> str:
+    """Call fn() on every rank: it must raise one of `errors` on every rank with the same message,
+    and the message must contain one of `mentions` (case-insensitive; empty: anything). Returns it.
+
+    The ranks' outcomes are compared over ctx.control_group (every rank reaches that collective
+    whatever fn did), so the verdict, and its text, is the same on every rank.
+    """
+    try:
+        fn()
+        outcome = None
+    except Exception as error:   # noqa: BLE001 - which error the backend raised is the verdict
+        outcome = (type(error).__name__, isinstance(error, errors), str(error))
+    outcomes = [outcome]
+    if ctx.world_size > 1:
+        outcomes = [None] * ctx.world_size
+        dist.all_gather_object(outcomes, outcome, group=ctx.control_group)
+    wanted = " or ".join(e.__name__ for e in errors)
+    distinct = []
+    for o in outcomes:
+        if o not in distinct:
+            distinct.append(o)
+    if len(distinct) > 1:
+        described = "; ".join("nothing raised" if o is None else f"{o[0]}: {o[2]}" for o in distinct)
+        raise AssertionError(f"{what}: the ranks did not all raise the same error ({described})")
+    if outcome is None:
+        raise AssertionError(f"{what}: no {wanted} was raised")
+    name, is_wanted, message = outcome
+    if not is_wanted:
+        raise AssertionError(f"{what}: raised {name}: {message}; expected {wanted}")
+    if mentions and not any(m.lower() in message.lower() for m in mentions):
+        raise AssertionError(f"{what}: the {name} message does not name {' or '.join(map(repr, mentions))}: "
+                             f"{message!r}")
+    return message

@@ -155,7 +155,9 @@ class _Experts(nn.Module):
         all_tokens = gather_from_sequence_parallel_region(tokens, group)          # (T·ep·etp, h)
         all_probs = gather_from_sequence_parallel_region(probs, group)            # (T·ep·etp, k)
         all_indices = gather_from_sequence_parallel_region(indices, group)        # (T·ep·etp, k), no grad
-        out = torch.zeros_like(all_tokens)
+        # Zeros that depend on the gathered tokens and probabilities: a rank whose experts get no token
+        # must still run the backward of both gathers, or its peers would wait for it forever.
+        out = all_tokens * 0 + (all_probs * 0).sum(dim=-1, keepdim=True).to(all_tokens.dtype)
         for local, global_id in enumerate(self.local_expert_ids):
             token_ids, slot = (all_indices == global_id).nonzero(as_tuple=True)
             if token_ids.numel() == 0:   # the same on every expert-TP rank: they see the same tokens

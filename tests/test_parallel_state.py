@@ -17,7 +17,8 @@ def layout(tp, ep, etp):
             "ranks": (state.tp_rank, state.dp_rank, state.ep_rank, state.expert_tp_rank)}
 
 
-def test_group_layout():
+@pytest.mark.parametrize("world_size", [4])
+def test_group_layout(world_size):
     """[TP-GROUP-1] world 4: TP=2 -> TP {0,1} {2,3}, DP {0,2} {1,3}; EP=2 with expert TP=2 -> EP {0,2}."""
     by_rank = run_distributed(layout, 4, 2, 2, None)
     assert [r["tp"] for r in by_rank] == [[0, 1], [0, 1], [2, 3], [2, 3]]
@@ -42,7 +43,8 @@ def bad_sizes():
     return messages
 
 
-def test_bad_sizes():
+@pytest.mark.parametrize("world_size", [4])
+def test_bad_sizes(world_size):
     """[TP-GROUP-1] [TP-ERR-1] sizes that do not divide the world raise ValueError on every rank."""
     messages = run_distributed(bad_sizes, 4)
     assert all(m == messages[0] for m in messages)

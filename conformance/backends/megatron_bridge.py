@@ -111,7 +111,7 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) 
 class MegatronBridgeBackend(Backend):
     name = "megatron-bridge"
     capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
-                              "merge", "models"})
+                              "merge", "models", "relayout"})
 
     def __init__(self):
         self._layout = None
@@ -126,8 +126,8 @@ class MegatronBridgeBackend(Backend):
         m = megatron()
         layout = (tp, ep, etp)
         if self._layout != layout:
-            if m.parallel_state.model_parallel_is_initialized():
-                m.parallel_state.destroy_model_parallel()
+            # Always destroy first: a half-finished initialization also leaves globals set.
+            m.parallel_state.destroy_model_parallel()
             m.parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                                        expert_tensor_parallel_size=etp,
                                                        create_gloo_process_groups=False)
@@ -138,6 +138,11 @@ class MegatronBridgeBackend(Backend):
 
     def reset_parallel(self) -> None:
         self._layout = None
+
+    def tp_sizes(self, world_size: int) -> list[int]:
+        # megatron-core keeps one global layout, and each re-initialization creates new NCCL
+        # communicators (dozens exhaust the GPU): layer properties run at TP = world only.
+        return [world_size]
 
     def _config(self, tp: int, sequence_parallel: bool, dtype: torch.dtype):
         m = megatron()
