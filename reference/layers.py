@@ -140,11 +140,6 @@ class _ParallelLinear(nn.Module):
     def _full_bias(self) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def _finish(self, output: torch.Tensor, bias: torch.Tensor | None):
-        if self.skip_bias_add:
-            return output, bias
-        return (output if bias is None else output + bias), None
-
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, output_size={self.output_size}, "
                 f"tp_size={self.tp_size}, sequence_parallel={self.sequence_parallel}, "
@@ -190,15 +185,23 @@ class ColumnParallelLinear(_ParallelLinear):
     def _full_bias(self):
         return None if self.bias is None else gather_shards(self.bias, 0, self.tp_group, self.stride)
 
+    # forward = finish_output(local_output(prepare_input(x))); LoRALinear reuses the three steps.
     def forward(self, x: torch.Tensor):
+        return self.finish_output(self.local_output(self.prepare_input(x)))
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("ColumnParallelLinear", "input", x, self.input_size, self.sequence_parallel,
                      self.tp_size, seq_divisible=False)
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.tp_group)   # (s/t, b, in) -> (s, b, in)
-        elif not self.explicit_expert_comm:
-            x = copy_to_tensor_parallel_region(x, self.tp_group)         # (s, b, in); grad all-reduced
-        bias = None if self.skip_bias_add else self.bias
-        y = F.linear(x, self.weight, bias)                               # (s, b, out/t)
+            return gather_from_sequence_parallel_region(x, self.tp_group)  # (s/t, b, in) -> (s, b, in)
+        if self.explicit_expert_comm:
+            return x
+        return copy_to_tensor_parallel_region(x, self.tp_group)          # (s, b, in); grad all-reduced
+
+    def local_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, None if self.skip_bias_add else self.bias)   # (s, b, out/t)
+
+    def finish_output(self, y: torch.Tensor):
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.tp_group)     # (s, b, out)
         return y, (self.bias if self.skip_bias_add else None)
@@ -239,17 +242,28 @@ class RowParallelLinear(_ParallelLinear):
     def _full_bias(self):
         return None if self.bias is None else self.bias.detach().clone()
 
+    # forward = finish_output(local_output(prepare_input(x))); LoRALinear reuses the three steps.
     def forward(self, x: torch.Tensor):
+        return self.finish_output(self.local_output(self.prepare_input(x)))
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.input_size_per_partition if self.input_is_parallel else self.input_size
         _check_input("RowParallelLinear", "input", x, expected, self.sequence_parallel,
                      self.tp_size, seq_divisible=True)
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group)      # (s, b, in) -> (s, b, in/t)
-        partial = F.linear(x, self.weight)                               # (s, b, out), partial sum
+        return x
+
+    def local_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)                                  # (s, b, out), partial sum
+
+    def finish_output(self, partial: torch.Tensor):
         if self.explicit_expert_comm:
             return partial, None                                         # the MoE combine sums it
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)  # (s/t, b, out)
         else:
             y = reduce_from_tensor_parallel_region(partial, self.tp_group)          # (s, b, out)
-        return self._finish(y, self.bias)
+        if self.skip_bias_add:
+            return y, self.bias
+        return (y if self.bias is None else y + self.bias), None

@@ -81,3 +81,16 @@ class ReferenceBackend(Backend):
 
     def merge_model(self, model):
         return reference.merge_lora(model)
+
+
+class SeparateCommunicationReferenceBackend(ReferenceBackend):
+    """The reference with each adapter doing its own collectives (share_communication=False), as
+    Megatron-Bridge does: the same math, more communication ([LORA-FWD-7] fails, all else passes)."""
+
+    name = "reference-separate-communication"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for module in self.lora_modules(model).values():
+            module.share_communication = False
+        return model

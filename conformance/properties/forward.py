@@ -73,3 +73,28 @@ def scale_is_alpha_over_dim(ctx, backend, drawn):
         ex = as_plain_linear(ex)
     dim = ex["dim"] * dim_factor if ex["kind"] == "column" else max(1, ex["dim"] * dim_factor // 4)
     _check_forward(ctx, backend, dict(ex, dim=dim, alpha=alpha), f"scale alpha/dim = {alpha}/{dim}")
+
+
+@prop("LORA-FWD-7", needs={"tp"}, min_world=2,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), a2a=(False,), dtypes=("float32",),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def lora_adds_no_activation_sized_collective(ctx, backend, ex):
+    """A step of the LoRA layer runs no more activation-sized collectives than the base alone."""
+    from ..collectives_counter import counting
+    from ..layer_case import build_base, input_layout
+
+    def step(built):
+        X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10, dtype=built.dtype)
+        dim, stride = input_layout(ex)
+        x = local_piece(ctx, X, dim, built.groups, stride).clone().requires_grad_(True)
+        with counting() as calls:
+            out = built.wrapped(x)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        threshold = ex["s"] * ex["b"] * min(ex["in"], ex["out"]) // ex["tp"]
+        return sum(1 for _, n in calls if n >= threshold and n > ex["dim"] * ex["s"] * ex["b"])
+
+    base_count = step(build_base(ctx, backend, ex))
+    lora_count = step(build(ctx, backend, ex))
+    ctx.check(lora_count <= base_count,
+              f"LoRA on a {ex['kind']} base (sp={ex['sp']}) runs {lora_count} activation-sized collectives "
+              f"per step; the base alone runs {base_count}")

@@ -162,44 +162,52 @@ class ParallelLinearAdapter(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._adapt(x, self.linear_in.weight, self.linear_out.weight)
+    def forward(self, x: torch.Tensor, caller_communicates: bool = False) -> torch.Tensor:
+        """scale * B A x. With caller_communicates (see LoRALinear), x is what the base layer computes
+        on after its own input communication, and the result is this rank's piece for the base's
+        local output: (s, b, out/t), the row case's being this rank's hidden shard of B h."""
+        return self._adapt(x, self.linear_in.weight, self.linear_out.weight, caller_communicates)
 
-    def _adapt(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def _adapt(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               caller_communicates: bool = False) -> torch.Tensor:
         """scale * B A x for this rank's shards A, B (the data flow of the module docstring)."""
         if self.dropout_position == "pre":
             x = self.dropout(x)
         x = x.to(A.dtype)
         if self.base_kind == "column":
-            y = self._column_forward(x, A, B)
+            y = self._column_forward(x, A, B, caller_communicates)
         elif self.base_kind == "row":
-            y = self._row_forward(x, A, B)
+            y = self._row_forward(x, A, B, caller_communicates)
         else:
             y = F.linear(F.linear(x, A), B)                                    # (s, b, out)
         if self.dropout_position == "post":
             y = self.dropout(y)
         return y * self.scale
 
-    def _column_forward(self, x, A, B):
+    def _column_forward(self, x, A, B, caller_communicates=False):
         group = self.tp_group
-        if self.sequence_parallel:
+        if caller_communicates or self.explicit_expert_comm:
+            pass                                                                # x is (s, b, in) already
+        elif self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, group)                  # (s/t, b, in) -> (s, b, in)
-        elif not self.explicit_expert_comm:
+        else:
             x = copy_to_tensor_parallel_region(x, group)                        # (s, b, in), grad all-reduced
         h = gather_from_tensor_parallel_region(F.linear(x, A), group)           # (s, b, r/t) -> (s, b, r)
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
         y = F.linear(h, B)                                                      # (s, b, out/t)
-        if self.gather_output:
+        if self.gather_output and not caller_communicates:
             y = gather_from_tensor_parallel_region(y, group)                    # (s, b, out)
         return y
 
-    def _row_forward(self, x, A, B):
+    def _row_forward(self, x, A, B, caller_communicates=False):
         group = self.tp_group
-        if not self.input_is_parallel:
+        if not self.input_is_parallel and not caller_communicates:
             x = scatter_to_tensor_parallel_region(x, group)                     # (s, b, in) -> (s, b, in/t)
         h = reduce_from_tensor_parallel_region(F.linear(x, A), group)           # (s, b, r), summed over ranks
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
         y = F.linear(h, B)                                                      # (s, b, out/t)
+        if caller_communicates:
+            return y                                                            # the caller adds it in place
         if self.explicit_expert_comm:
             # The base expert's output is a partial sum that the MoE combine adds over expert-TP
             # ranks: contribute our hidden shard in place and zeros elsewhere, so the sum is B h.

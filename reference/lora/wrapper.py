@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..merge import merge_lora_weight
 
 
@@ -22,22 +23,55 @@ class LoRALinear(nn.Module):
 
     is_lora_wrapper = True
 
-    def __init__(self, to_wrap: nn.Module, adapter: nn.Module):
+    def __init__(self, to_wrap: nn.Module, adapter: nn.Module, share_communication: bool = True):
         super().__init__()
         self.to_wrap = to_wrap
         self.adapter = adapter
         self.merged = False
+        self.share_communication = share_communication
 
     def lora_adapters(self) -> list[nn.Module]:
         return [self.adapter]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.shares_communication():
+            return self._forward_sharing_communication(x)
         base = self.to_wrap(x, *args, **kwargs)
         returns_tuple = isinstance(base, tuple)
         out, bias = base if returns_tuple else (base, None)
         if not self.merged:
             out = out + self.adapter(x).to(out.dtype)
         return (out, bias) if returns_tuple else out
+
+    def shares_communication(self) -> bool:
+        """Whether base and adapter can share one set of collectives (a reference parallel base, TP > 1)."""
+        base = self.to_wrap
+        return (self.share_communication and not self.merged and isinstance(base, (ColumnParallelLinear, RowParallelLinear))
+                and base.tp_size > 1 and not base.explicit_expert_comm
+                and getattr(self.adapter, "base_kind", None) == base.parallel_mode)
+
+    def _forward_sharing_communication(self, x: torch.Tensor):
+        """base(x) + adapter(x) with the base's collectives done once for both (same math as forward).
+
+        Done separately, the base and the adapter each all-reduce the input gradient (or gather the
+        sequence, under SP) of a column layer, and a row layer's base all-reduces its output while the
+        adapter all-gathers its own: two activation-sized collectives where one suffices. Here:
+          column: x is prepared once (copy / SP gather); y_r = x W_rᵀ + b_r + Δ_r, gathered if asked.
+          row:    partial_r = x_r W_rᵀ with this rank's hidden shard of Δ = s·B h added into its
+                  columns; one all-reduce (or SP reduce-scatter) sums the base partials and places
+                  every shard of Δ. The adapter's own collectives are then only its rank-sized ones.
+        """
+        base, adapter = self.to_wrap, self.adapter
+        x = base.prepare_input(x)                                              # column (s, b, in); row (s, b, in/t)
+        local = base.local_output(x)                                           # (s, b, out/t) or partial (s, b, out)
+        delta = adapter(x, caller_communicates=True).to(local.dtype)           # (s, b, out/t)
+        if base.parallel_mode == "column":
+            local = local + delta
+        else:
+            width = delta.shape[-1]
+            # `local` is this matmul's fresh output, not saved for backward: adding in place is safe.
+            local[..., base.tp_rank * width:(base.tp_rank + 1) * width] += delta
+        return base.finish_output(local)
 
     def _merged(self, sign: float) -> torch.Tensor:
         """This rank's shard of W + sign (alpha/r) B A (a collective under TP)."""
