@@ -160,6 +160,39 @@ def bench_peft(kind, h, ffn, r, args, device, dtype):
     return a, b
 
 
+def profile_step(kind, h, ffn, r, t, device, dtype, lora: bool) -> str:
+    """torch.profiler over 5 forward+backward steps: where the time goes, by op (self CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = parallel.initialize_model_parallel(t)
+    base = make_base(kind, h, ffn, state.tp_group, dtype, device)
+    base.weight.requires_grad_(False)
+    layer = base
+    if lora:
+        box = torch.nn.Module()
+        box.linear_fc1 = base
+        reference.LoRA(target_modules=["linear_fc1"], dim=r, alpha=2 * r, lora_B_init_method="normal")(box)
+        layer = box.linear_fc1
+    in_local = h if kind == "column" else ffn // t
+    out_local = ffn // t if kind == "column" else h
+    x = torch.randn(TOKENS, 1, in_local, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(TOKENS, 1, out_local, device=device, dtype=dtype)
+    step = fwd_bwd(layer, x, grad)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 5 / 1e3
+    table = events.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=48)
+    return f"{kind} TP={t} r={r} lora={lora}: wall {wall / 5 * 1e3:.3f} ms/step, GPU busy {gpu:.3f} ms/step\n{table}"
+
+
 def bench_merge(args, device, dtype, t) -> float:
     """merge_lora on 32 layers of qkv/proj/fc1/fc2 linears (H=4096, FFN=14336) at TP=t."""
     state = parallel.initialize_model_parallel(t)
@@ -193,6 +226,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--peers", default="megatron_bridge,peft", help="comma list of peers to run")
+    parser.add_argument("--shapes", default="all", choices=["all", "first"], help="'first': 4096 x 14336 only")
+    parser.add_argument("--profile", action="store_true", help="also profile one TP=2 step (GPU)")
     args = parser.parse_args()
     parallel.init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -202,6 +237,8 @@ def main() -> int:
     if args.small:
         TOKENS = 256
     shapes = [(4096, 14336), (8192, 28672)] if not args.small else [(64, 224)]
+    if args.shapes == "first":
+        shapes = shapes[:1]
     rates = device_rates(device)
     peers = set(filter(None, args.peers.split(",")))
     rows = []
@@ -233,6 +270,13 @@ def main() -> int:
                         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
                     torch.cuda.empty_cache() if device.type == "cuda" else None
     merge_s = {f"tp{t}": bench_merge(args, device, dtype, t) for t in (2,) if world % t == 0}
+    if args.profile and device.type == "cuda" and world % 2 == 0:
+        h, ffn = shapes[0]
+        for kind in ("column", "row"):
+            for lora in (False, True):
+                text = profile_step(kind, h, ffn, 16, 2, device, dtype, lora)
+                if rank == 0:
+                    print(text, flush=True)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "world": world,
               "torch": torch.__version__, "tokens": TOKENS, "rates": rates, "rows": rows, "merge_lora_s": merge_s}
     if rank == 0:

@@ -20,7 +20,7 @@ Forward, in order (the shapes are per rank):
              SP:     y = scatter_seq(gather_last(y))                 (s/t, b, out)
              SP+a2a: y = all_to_all(y)   hidden shards -> sequence shards (s/t, b, out)
     dropout if "post"
-    multiply by alpha / r
+    (the scale alpha / r is applied to h, which is the same as to the output and r/out as costly)
 
 Under sequence parallelism the column case sees (s/t, b, in) and all-gathers it first; the backward
 of that gather reduce-scatters the gradient, which already sums the TP ranks' partial gradients, so
@@ -179,10 +179,15 @@ class ParallelLinearAdapter(nn.Module):
         elif self.base_kind == "row":
             y = self._row_forward(x, A, B, caller_communicates)
         else:
-            y = F.linear(F.linear(x, A), B)                                    # (s, b, out)
+            y = F.linear(self._down(x, A), B)                                  # (s, b, out)
         if self.dropout_position == "post":
             y = self.dropout(y)
-        return y * self.scale
+        return y
+
+    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """scale * A x. The scale multiplies the rank-sized h, not the output: s·B(Ah) = B(s·Ah),
+        and h has r columns where the output has `out` (one pass over (s, b, r) saved per step)."""
+        return F.linear(x, A) * self.scale
 
     def _column_forward(self, x, A, B, caller_communicates=False):
         group = self.tp_group
@@ -192,7 +197,7 @@ class ParallelLinearAdapter(nn.Module):
             x = gather_from_sequence_parallel_region(x, group)                  # (s/t, b, in) -> (s, b, in)
         else:
             x = copy_to_tensor_parallel_region(x, group)                        # (s, b, in), grad all-reduced
-        h = gather_from_tensor_parallel_region(F.linear(x, A), group)           # (s, b, r/t) -> (s, b, r)
+        h = gather_from_tensor_parallel_region(self._down(x, A), group)         # (s, b, r/t) -> (s, b, r)
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
         y = F.linear(h, B)                                                      # (s, b, out/t)
         if self.gather_output and not caller_communicates:
@@ -203,7 +208,7 @@ class ParallelLinearAdapter(nn.Module):
         group = self.tp_group
         if not self.input_is_parallel and not caller_communicates:
             x = scatter_to_tensor_parallel_region(x, group)                     # (s, b, in) -> (s, b, in/t)
-        h = reduce_from_tensor_parallel_region(F.linear(x, A), group)           # (s, b, r), summed over ranks
+        h = reduce_from_tensor_parallel_region(self._down(x, A), group)         # (s, b, r), summed over ranks
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
         y = F.linear(h, B)                                                      # (s, b, out/t)
         if caller_communicates:
