@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-PROFILES = {"quick": 4, "default": 12, "thorough": 100}
+PROFILES = {"quick": 4, "default": 25, "thorough": 100}
 DEFAULT_TIMEOUT_S = 120.0
 
 

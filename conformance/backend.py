@@ -107,6 +107,29 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class RawLoRAConfig:
+    """LoRA's fields as given, not validated: what `validate_config` receives in the config
+    properties ([LORA-CFG-2], [LORA-CFG-3]), so that the backend's own validation is what is checked.
+    Elsewhere backends receive a (valid) reference.LoRA, which has the same attributes."""
+
+    target_modules: object = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    exclude_modules: object = field(default_factory=list)
+    dim: object = 32
+    alpha: object = 32
+    dropout: object = 0.0
+    dropout_position: object = "pre"
+    a2a_experimental: object = False
+    lora_A_init_method: object = "xavier"
+    lora_B_init_method: object = "zero"
+    lora_dtype: object = None
+    normalize_moe_lora: object = False
+    share_expert_adapters: object = True
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
 class Backend:
     """Base class with the protocol; see the module docstring. Override what you support."""
 
@@ -140,7 +163,8 @@ class Backend:
 
     # -- LoRA ---------------------------------------------------------------------------------
     def validate_config(self, config) -> object:
-        """Build the backend's LoRA config from ours (a reference.LoRA); raise on bad values."""
+        """Build the backend's LoRA config from ours (a reference.LoRA, or a RawLoRAConfig whose
+        values may be bad); raise ValueError/TypeError naming the field on bad values."""
         return config
 
     def apply_lora(self, model: nn.Module, config, training: bool = True) -> nn.Module:

@@ -134,3 +134,10 @@ def raises_everywhere(ctx: Context, fn, errors: tuple, what: str, mentions: tupl
         raise AssertionError(f"{what}: the {name} message does not name {' or '.join(map(repr, mentions))}: "
                              f"{message!r}")
     return message
+
+
+def check_group_in_step(ctx: Context, group, size: int) -> None:
+    """After an error: an all-reduce over `group` must still give `size` (no rank left inside a collective)."""
+    total = ctx.all_reduce(torch.ones(1, device=ctx.device), group)
+    ctx.check(total.item() == size,
+              f"after the error, an all-reduce over the TP group gave {total.item()}, expected {size}")

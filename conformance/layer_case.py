@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from .backend import Container, LinearSpec
+from .backend import Container, Groups, LinearSpec
 from .context import DTYPES, Context
 
 NAMES = {"column": "linear_qkv", "row": "linear_proj", "linear": "linear_fc1"}
+# A plain nn.Linear needs no TP group, so none is set up for it (switching layouts can be costly).
+NO_TP = Groups(None, 1, 0)
 
 
 @st.composite
@@ -86,7 +88,7 @@ def lora_config(ex: dict, name: str, **overrides):
 
 def build(ctx, backend, ex: dict, load_adapter: bool = True, **lora_overrides) -> Built:
     dtype = DTYPES[ex["dtype"]]
-    groups = backend.init_parallel(ex["tp"]) if ex["kind"] != "linear" else backend.init_parallel(1)
+    groups = backend.init_parallel(ex["tp"]) if ex["kind"] != "linear" else NO_TP  # nn.Linear: no layout
     seed = ex["seed"]
     W = _rounded(ctx.randn((ex["out"], ex["in"]), seed, scale=ex["in"] ** -0.5), dtype)
     bias = _rounded(ctx.randn((ex["out"],), seed + 1), dtype) if ex["bias"] else None
@@ -184,3 +186,50 @@ def run(ctx, built: Built, X: torch.Tensor, G: torch.Tensor):
     if isinstance(y, torch.Tensor) and y.shape == g.shape:
         (y.float() * g.float()).sum().backward()
     return y, returned_bias, x
+
+
+# -- the base layer alone, and LoRA added to it (for the parallel, init, dtype and merge properties) --
+
+def build_base(ctx, backend, ex: dict) -> Built:
+    """The base layer of `ex` alone, without LoRA, with the same full W and bias as `build`.
+
+    `wrapped` is the bare layer (also `container.layer()`); A and B are zeros of the adapter's full
+    shapes, so that `run(ctx, base, X, G)` and `expected(base, X, G, lora=False)` apply as they are.
+    """
+    dtype = DTYPES[ex["dtype"]]
+    groups = backend.init_parallel(ex["tp"]) if ex["kind"] != "linear" else NO_TP  # nn.Linear: no layout
+    seed = ex["seed"]
+    W = _rounded(ctx.randn((ex["out"], ex["in"]), seed, scale=ex["in"] ** -0.5), dtype)
+    bias = _rounded(ctx.randn((ex["out"],), seed + 1), dtype) if ex["bias"] else None
+    name = NAMES[ex["kind"]]
+    spec = LinearSpec(kind=ex["kind"], in_features=ex["in"], out_features=ex["out"], weight=W.to(dtype),
+                      bias=None if bias is None else bias.to(dtype), sequence_parallel=ex["sp"],
+                      skip_bias_add=ex["skip_bias_add"], gather_output=ex["gather_output"],
+                      input_is_parallel=ex["input_is_parallel"], stride=ex["stride"], dtype=dtype,
+                      groups=groups, name=name)
+    layer = backend.make_linear(spec)
+    container = Container(name, layer)
+    A = torch.zeros(ex["dim"], ex["in"], dtype=torch.float64, device=ctx.device)
+    B = torch.zeros(ex["out"], ex["dim"], dtype=torch.float64, device=ctx.device)
+    return Built(ex, groups, container, layer, W, bias, A, B, dtype)
+
+
+def add_lora(ctx, backend, base: Built, load_adapter: bool = True, torch_seed: int | None = None,
+             **lora_overrides) -> Built:
+    """LoRA on a `build_base` layer, as `build` does (same full A and B, loaded when load_adapter).
+
+    torch_seed: `torch.manual_seed(torch_seed)` on every rank right before `apply_lora`, so that
+    the adapter's own initialization is reproducible (SPEC [LORA-INIT-2]).
+    """
+    ex, name = base.ex, NAMES[base.ex["kind"]]
+    config = backend.validate_config(lora_config(ex, name, **lora_overrides))
+    if torch_seed is not None:
+        torch.manual_seed(torch_seed)
+    backend.apply_lora(base.container, config, training=True)
+    wrapped = base.container.layer()
+    A = _rounded(ctx.randn((ex["dim"], ex["in"]), ex["seed"] + 2, scale=ex["in"] ** -0.5), base.dtype)
+    B = _rounded(ctx.randn((ex["out"], ex["dim"]), ex["seed"] + 3, scale=ex["dim"] ** -0.5), base.dtype)
+    built = Built(ex, base.groups, base.container, wrapped, base.W, base.bias, A, B, base.dtype)
+    if load_adapter:
+        load_adapter_weights(built, backend)
+    return built

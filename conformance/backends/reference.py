@@ -59,7 +59,9 @@ class ReferenceBackend(Backend):
         return reference.TinyGPT(config, seed=spec.seed)
 
     def validate_config(self, config):
-        return config  # reference.LoRA validates itself at construction
+        if isinstance(config, reference.LoRA):
+            return config                        # validated when it was built
+        return reference.LoRA(**config.as_dict())  # a RawLoRAConfig: validate it now
 
     def apply_lora(self, model, config, training=True):
         return config(model, training=training)

@@ -1,0 +1,201 @@
+"""SPEC section 9: folding adapters into base weights, against W + (alpha/d) B A in float64."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from ..backend import ModelSpec
+from ..context import DTYPES, check_group_in_step, raises_everywhere
+from ..layer_case import build
+from ..registry import prop
+
+# SPEC [LORA-FWD-2]: (dim, stride) of the shards of W, B and A per base kind.
+SHARDS = {"column": {"W": 0, "B": 0, "A": 0}, "row": {"W": 1, "B": 0, "A": 1}}
+
+
+@st.composite
+def _merge_examples(draw, ctx, dtypes=None):
+    t = draw(st.sampled_from(ctx.tp_sizes))
+    kind = draw(st.sampled_from(["column", "row"]))
+    stride = draw(st.sampled_from([1, 2])) if kind == "column" else 1
+    ex = {"kind": kind, "tp": t, "stride": stride, "alpha": draw(st.sampled_from([1, 8, 32, 0.5])),
+          "dtype": draw(st.sampled_from(list(dtypes or ctx.dtypes))), "seed": draw(st.integers(0, 2**16))}
+    if kind == "column":
+        ex.update({"out": t * stride * draw(st.integers(1, 4)), "dim": t * draw(st.integers(1, 4)),
+                   "in": draw(st.integers(1, 8))})
+    else:
+        ex.update({"out": t * draw(st.integers(1, 4)), "dim": draw(st.integers(1, 8)),
+                   "in": t * draw(st.integers(1, 4))})
+    return ex
+
+
+def _merge_case(ctx, backend, ex: dict, adapter_dtype=None):
+    """Full W, B, A (values the dtypes hold exactly), this rank's SPEC shards of them, and the groups."""
+    t = ex["tp"] if "tp" in backend.capabilities else 1
+    groups = backend.init_parallel(t)
+    dtype = DTYPES[ex["dtype"]]
+    adapter_dtype = adapter_dtype or dtype
+    out, in_features, dim, seed = ex["out"], ex["in"], ex["dim"], ex["seed"]
+    full = {"W": ctx.randn((out, in_features), seed, scale=in_features ** -0.5).to(dtype).double(),
+            "B": ctx.randn((out, dim), seed + 1, scale=dim ** -0.5).to(adapter_dtype).double(),
+            "A": ctx.randn((dim, in_features), seed + 2, scale=in_features ** -0.5).to(adapter_dtype).double()}
+    local = {}
+    for name, tensor in full.items():
+        dim = SHARDS[ex["kind"]][name]
+        stride = ex["stride"] if ex["kind"] == "column" and dim == 0 and name != "A" else 1
+        piece = tensor if t == 1 else ctx.piece(tensor, dim, groups.tp_rank, t, stride)
+        local[name] = piece.to(dtype if name == "W" else adapter_dtype).contiguous()
+    merged_full = full["W"] + (ex["alpha"] / ex["dim"]) * full["B"] @ full["A"]
+    w_dim = SHARDS[ex["kind"]]["W"]
+    w_stride = ex["stride"] if ex["kind"] == "column" else 1
+    want = merged_full if t == 1 else ctx.piece(merged_full, w_dim, groups.tp_rank, t, w_stride)
+    return groups, t, local, want, dtype
+
+
+def _where(ex: dict, t: int) -> str:
+    stride = f", stride={ex['stride']}" if ex["stride"] != 1 else ""
+    return (f"{ex['kind']} base W {(ex['out'], ex['in'])}, dim={ex['dim']}, alpha={ex['alpha']}, tp={t}{stride}, "
+            f"{ex['dtype']}")
+
+
+@prop("LORA-MERGE-1", needs={"merge"}, strategy=lambda ctx: _merge_examples(ctx))
+def merge_weight_is_the_local_shard_of_the_merged_matrix(ctx, backend, ex):
+    """merge_weight(W_r, B_r, A_r, alpha, dim) is this rank's shard of W + (alpha/dim) B A: column
+    (A gathered) and row (B gathered) bases, strided column bases included."""
+    groups, t, local, want, dtype = _merge_case(ctx, backend, ex)
+    merged = backend.merge_weight(local["W"], local["B"], local["A"], ex["alpha"], ex["dim"],
+                                  tp_size=t, tp_group=groups.tp_group)
+    ctx.assert_close(merged, want, dtype, f"merge_weight for a {_where(ex, t)}")
+
+
+@prop("LORA-MERGE-1", "LORA-ERR-1", needs={"merge"},
+      strategy=lambda ctx: st.tuples(_merge_examples(ctx, dtypes=("float32",)),
+                                     st.sampled_from(["A_in", "B_rank", "dim"])))
+def merge_weight_rejects_shapes_that_cannot_merge(ctx, backend, drawn):
+    """A linear_in with a wrong in, a linear_out with a wrong rank, or a dim that fits neither: a
+    ValueError on every rank, before any gather (a collective on the TP group still works)."""
+    ex, bad = drawn
+    groups, t, local, _, _ = _merge_case(ctx, backend, ex)
+    W, B, A, dim = local["W"], local["B"], local["A"], ex["dim"]
+    if bad == "A_in":
+        A = torch.cat([A, A[:, :1]], dim=1)
+    elif bad == "B_rank":
+        B = torch.cat([B, B[:, :1]], dim=1)
+    else:
+        dim = ex["dim"] * 2 * t + 1   # neither the local nor the gathered rank of A
+    what = (f"merge_weight of W {tuple(W.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}, dim={dim}, tp={t} "
+            f"({ex['kind']} base, {bad} wrong)")
+    raises_everywhere(ctx, lambda: backend.merge_weight(W, B, A, ex["alpha"], dim, tp_size=t, tp_group=groups.tp_group),
+                      (ValueError,), what)
+    check_group_in_step(ctx, groups.tp_group, t)
+
+
+@prop("LORA-MERGE-2", needs={"merge"},
+      strategy=lambda ctx: st.tuples(_merge_examples(ctx, dtypes=(*ctx.dtypes, "float64")),
+                                     st.sampled_from([None, "float32"])))
+def merged_weight_has_the_base_dtype(ctx, backend, drawn):
+    """The merged shard has the base weight's dtype (float32 adapters on a reduced or float64 base
+    too) and its values to that dtype's tolerance (float64 bases are merged in float64); a wrapper's
+    merged_weight(), where there is one, is the same shard."""
+    ex, adapter_name = drawn
+    adapter_dtype = DTYPES[adapter_name] if adapter_name else None
+    groups, t, local, want, dtype = _merge_case(ctx, backend, ex, adapter_dtype)
+    merged = backend.merge_weight(local["W"], local["B"], local["A"], ex["alpha"], ex["dim"],
+                                  tp_size=t, tp_group=groups.tp_group)
+    what = f"merge_weight for a {_where(ex, t)} with {adapter_name or ex['dtype']} adapters"
+    ctx.check(isinstance(merged, torch.Tensor) and merged.dtype == dtype,
+              f"{what}: merged weight is {getattr(merged, 'dtype', type(merged).__name__)}, "
+              f"expected the base's {dtype}")
+    ctx.assert_close(merged, want, dtype, what)
+    if adapter_dtype is None and "tp" in backend.capabilities:
+        _check_wrapper_merged_weight(ctx, backend, ex, dtype)
+
+
+def _check_wrapper_merged_weight(ctx, backend, ex: dict, dtype) -> None:
+    layer = {"kind": ex["kind"], "tp": ex["tp"], "sp": False, "a2a": False, "gather_output": False,
+             "input_is_parallel": True, "stride": ex["stride"], "bias": False, "skip_bias_add": False,
+             "s": ex["tp"], "b": 1, "in": ex["in"], "out": ex["out"], "dim": ex["dim"], "alpha": ex["alpha"],
+             "dtype": ex["dtype"], "seed": ex["seed"]}
+    built = build(ctx, backend, layer)
+    if not hasattr(built.wrapped, "merged_weight"):
+        return
+    merged = built.wrapped.merged_weight()
+    full = built.W + built.scale * built.B @ built.A
+    kind_dim = SHARDS[ex["kind"]]["W"]
+    want = full if ex["tp"] == 1 else ctx.piece(full, kind_dim, built.groups.tp_rank, ex["tp"],
+                                                ex["stride"] if ex["kind"] == "column" else 1)
+    what = f"merged_weight() of a LoRA-wrapped {_where(ex, ex['tp'])}"
+    ctx.check(merged.dtype == dtype, f"{what}: dtype {merged.dtype}, expected the base's {dtype}")
+    ctx.assert_close(merged, want, dtype, what)
+
+
+# -- whole-model merge --------------------------------------------------------------------------------
+
+KINDS_BY_NAME = {"linear_qkv": "column", "linear_fc1": "column", "linear_proj": "row", "linear_fc2": "row"}
+
+
+def _module_layout(name: str, wrapped, gated: bool) -> tuple[str, int]:
+    """(base kind, stride) of a wrapped TinyGPT module: parallel_mode where the base says, else its name."""
+    base = getattr(wrapped, "to_wrap", None)
+    short = name.rsplit(".", 1)[-1]
+    kind = getattr(base, "parallel_mode", None) or KINDS_BY_NAME.get(short, "none")
+    stride = getattr(base, "stride", 2 if gated and short == "linear_fc1" else 1) if kind == "column" else 1
+    return kind, stride
+
+
+@torch.no_grad()
+def _set_adapters(ctx, backend, model, t: int, group_rank: int, seed: int, gated: bool) -> int:
+    """Give every adapter random full A and B (the same on every rank), written as SPEC shards."""
+    modules = backend.lora_modules(model)
+    for index, (name, wrapped) in enumerate(sorted(modules.items())):
+        kind, stride = _module_layout(name, wrapped, gated)
+        A, B = backend.adapter_weights(wrapped)
+        a_dim = {"column": 0, "row": 1}.get(kind)
+        full_A_shape = list(A.shape)
+        if a_dim is not None:
+            full_A_shape[a_dim] *= t
+        full_B_shape = [B.shape[0] * (t if kind != "none" else 1), B.shape[1]]
+        full_A = ctx.randn(full_A_shape, seed + 2 * index, scale=full_A_shape[1] ** -0.5)
+        full_B = ctx.randn(full_B_shape, seed + 2 * index + 1, scale=0.3 * full_B_shape[1] ** -0.5)
+        local_A = full_A if a_dim is None or t == 1 else ctx.piece(full_A, a_dim, group_rank, t)
+        local_B = full_B if kind == "none" or t == 1 else ctx.piece(full_B, 0, group_rank, t, stride)
+        A.copy_(local_A.to(A.dtype))
+        B.copy_(local_B.to(B.dtype))
+    return len(modules)
+
+
+@prop("LORA-MERGE-3", needs={"merge_model", "models"}, weight=0.5,
+      strategy=lambda ctx: st.fixed_dictionaries({"tp": st.sampled_from(ctx.tp_sizes), "sp": st.booleans(),
+                                                  "gated": st.booleans(), "alpha": st.sampled_from([4, 16, 32]),
+                                                  "seed": st.integers(0, 2**16), "b": st.integers(1, 2),
+                                                  "s_per_tp": st.integers(1, 3)}))
+def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
+    """merge_model on a LoRA-wrapped TinyGPT with non-zero adapters: the same logits as before the
+    merge, and no LoRA module left."""
+    t = ex["tp"] if "tp" in backend.capabilities else 1
+    sp = ex["sp"] and t > 1 and "sp" in backend.capabilities
+    groups = backend.init_parallel(t)
+    spec = ModelSpec(kind="gpt", seed=ex["seed"], sequence_parallel=sp, gated_linear_unit=ex["gated"],
+                     num_attention_heads=max(4, t))
+    model = backend.make_model(spec)
+    generator = torch.Generator().manual_seed(ex["seed"] + 7)
+    ids = torch.randint(0, spec.vocab_size, (ex["b"], t * ex["s_per_tp"]), generator=generator).to(ctx.device)
+    inputs = {"input_ids": ids}
+    base_logits = backend.model_forward(model, spec, inputs).detach()
+    import reference
+
+    config = backend.validate_config(reference.LoRA(dim=8, alpha=ex["alpha"]))
+    model = backend.apply_lora(model, config, training=False)
+    count = _set_adapters(ctx, backend, model, t, groups.tp_rank, ex["seed"] + 100, ex["gated"])
+    where = f"TinyGPT (tp={t}, sp={sp}, gated={ex['gated']}, alpha={ex['alpha']})"
+    ctx.check(count > 0, f"{where}: LoRA with the default targets wrapped no module")
+    adapted = backend.model_forward(model, spec, inputs).detach()
+    ctx.check(not torch.allclose(adapted, base_logits, rtol=1e-3, atol=1e-3),
+              f"{where}: the adapters (non-zero A and B) did not change the logits")
+    merged_model = backend.merge_model(model)
+    merged = backend.model_forward(merged_model, spec, inputs).detach()
+    ctx.assert_close(merged, adapted.double(), torch.float32, f"{where}: logits after merge_model vs before",
+                     scale=10)
+    left = sorted(backend.lora_modules(merged_model))
+    ctx.check(not left, f"{where}: LoRA modules remain after merge_model: {left[:4]}")

@@ -1,0 +1,290 @@
+"""SPEC section 1: the backend's base layers, process groups and TinyGPT, against full-matrix float64 math."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from hypothesis import strategies as st
+
+from ..backend import ModelSpec
+from ..context import check_group_in_step, divisors, raises_everywhere
+from ..layer_case import build, build_base, input_layout, layer_examples, local_piece, output_layout, run
+from ..registry import prop
+
+
+def _weight_layout(ex: dict) -> tuple:
+    """(dim, stride) of this rank's base weight shard (SPEC [TP-COL-1], [TP-ROW-1]); dim None = whole."""
+    if ex["kind"] == "column":
+        return 0, ex["stride"]
+    if ex["kind"] == "row":
+        return 1, 1
+    return None, 1
+
+
+def _bias_layout(ex: dict) -> tuple:
+    return (0, ex["stride"]) if ex["kind"] == "column" else (None, 1)
+
+
+def _where(ex: dict) -> str:
+    flags = [f"tp={ex['tp']}", f"sp={ex['sp']}"]
+    flags += [name for name in ("gather_output", "skip_bias_add", "bias") if ex.get(name)]
+    flags += ["input_is_parallel=False"] if not ex.get("input_is_parallel", True) else []
+    flags += [f"stride={ex['stride']}"] if ex.get("stride", 1) != 1 else []
+    return ", ".join(flags)
+
+
+def _check_base(ctx, backend, ex):
+    """Forward and backward of the bare base layer: output, input grad, weight grad shard, bias grad."""
+    base = build_base(ctx, backend, ex)
+    layer, groups, dtype = base.wrapped, base.groups, base.dtype
+    X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(dtype).double()
+    G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
+    y, returned_bias, x = run(ctx, base, X, G)
+    W, bias = base.W, base.bias
+    Y = X @ W.T
+    if bias is not None and not ex["skip_bias_add"]:
+        Y = Y + bias
+    Xf, Gf = X.reshape(-1, ex["in"]), G.reshape(-1, ex["out"])
+    dX, dW, db = G @ W, Gf.T @ Xf, Gf.sum(0)
+    what = f"{ex['kind']} base layer ({_where(ex)})"
+
+    out_dim, out_stride = output_layout(ex)
+    ctx.assert_close(y, local_piece(ctx, Y, out_dim, groups, out_stride), dtype, f"output of the {what}")
+    bias_dim, bias_stride = _bias_layout(ex)
+    if ex["skip_bias_add"]:
+        ctx.check(returned_bias is not None, f"skip_bias_add: the {what} must return its bias, got None")
+        ctx.assert_close(returned_bias, local_piece(ctx, bias, bias_dim, groups, bias_stride), dtype,
+                         f"the bias returned with skip_bias_add by the {what}")
+    else:
+        ctx.check(returned_bias is None,
+                  f"the {what} returned a bias without skip_bias_add (it would be added twice)")
+
+    in_dim, in_stride = input_layout(ex)
+    ctx.check(x.grad is not None, f"the input of the {what} got no gradient")
+    ctx.assert_close(x.grad, local_piece(ctx, dX, in_dim, groups, in_stride), dtype,
+                     f"gradient of the input of the {what}", scale=4)
+    weight = layer.weight
+    ctx.check(weight.grad is not None, f"the weight of the {what} got no gradient")
+    w_dim, w_stride = _weight_layout(ex)
+    ctx.assert_close(weight.grad, local_piece(ctx, dW, w_dim, groups, w_stride), dtype,
+                     f"gradient of this rank's weight shard of the {what}", scale=4)
+    if bias is not None:
+        b = layer.bias
+        if ex["skip_bias_add"]:
+            ctx.check(b.grad is None or not b.grad.any(),
+                      f"the {what} with skip_bias_add: its bias is not used in the output, yet got a gradient")
+        else:
+            ctx.check(b.grad is not None, f"the bias of the {what} got no gradient")
+            grad = b.grad
+            if ex["kind"] == "row" and ex["sp"]:
+                grad = ctx.all_reduce(grad, groups.tp_group)   # partial per sequence shard [TP-ROW-2]
+            summed = " (summed over the TP group)" if ex["kind"] == "row" and ex["sp"] else ""
+            ctx.assert_close(grad, local_piece(ctx, db, bias_dim, groups, bias_stride), dtype,
+                             f"gradient of the bias of the {what}{summed}", scale=4)
+
+
+@prop("TP-COL-1", "TP-COL-2", "TP-COLL-1", needs={"tp"},
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column",), sp=(False,), a2a=(False,)))
+def column_base_matches_full_math(ctx, backend, ex):
+    """The bare column-parallel layer: output shard y_r = x W_r^T + b_r, dx = G W, dW_r, db_r."""
+    _check_base(ctx, backend, ex)
+
+
+@prop("TP-ROW-1", "TP-ROW-2", "TP-COLL-1", needs={"tp"},
+      strategy=lambda ctx: layer_examples(ctx, kinds=("row",), sp=(False,), a2a=(False,)))
+def row_base_matches_full_math(ctx, backend, ex):
+    """The bare row-parallel layer: the reduced output, bias added once, dx_r = G W_r, dW_r, db."""
+    _check_base(ctx, backend, ex)
+
+
+@prop("TP-COL-1", "TP-COL-2", "TP-ROW-1", "TP-ROW-2", "TP-COLL-1", needs={"tp", "sp"}, min_world=2,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,), a2a=(False,),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def sequence_parallel_base_matches_full_math(ctx, backend, ex):
+    """Bare layers under SP: column gathers the sequence (dx reduce-scattered), row reduce-scatters."""
+    _check_base(ctx, backend, ex)
+
+
+@prop("TP-INIT-2", needs={"tp"},
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,), a2a=(False,)))
+def full_weights_are_stored_as_spec_shards(ctx, backend, ex):
+    """make_linear(full W, b) keeps this rank's SPEC shard, bare and inside a LoRA wrapper."""
+    if ex["kind"] == "linear" and "linear" not in backend.capabilities:
+        ex = dict(ex, kind="column")
+    w_dim, w_stride = _weight_layout(ex)
+    base = build_base(ctx, backend, ex)
+    what = f"{ex['kind']} base ({_where(ex)})"
+    want_W = local_piece(ctx, base.W, w_dim, base.groups, w_stride)
+    ctx.assert_close(base.wrapped.weight, want_W, torch.float64, f"the weight of the bare {what} vs its SPEC shard")
+    if base.bias is not None:
+        b_dim, b_stride = _bias_layout(ex)
+        ctx.assert_close(base.wrapped.bias, local_piece(ctx, base.bias, b_dim, base.groups, b_stride),
+                         torch.float64, f"the bias of the bare {what} vs its SPEC shard")
+    built = build(ctx, backend, ex)
+    ctx.assert_close(backend.base_weight(built.wrapped), want_W, torch.float64,
+                     f"the base weight inside the LoRA-wrapped {what} vs its SPEC shard")
+
+
+def _layouts(world: int) -> list[dict]:
+    return [{"tp": tp, "ep": ep, "etp": etp} for tp in divisors(world)
+            for etp in divisors(world) for ep in divisors(world // etp)]
+
+
+def _ranks(group) -> list[int]:
+    return dist.get_process_group_ranks(dist.group.WORLD if group is None else group)
+
+
+@prop("TP-GROUP-1", strategy=lambda ctx: st.sampled_from(_layouts(ctx.world_size)))
+def groups_have_the_spec_layout(ctx, backend, ex):
+    """TP groups are blocks of t consecutive ranks; expert-TP varies fastest, then EP; groups are reused."""
+    rank, tp = ctx.rank, ex["tp"]
+    moe = "moe" in backend.capabilities and (ex["ep"] > 1 or ex["etp"] != tp)
+    groups = backend.init_parallel(tp, ex["ep"], ex["etp"]) if moe else backend.init_parallel(tp)
+    block = list(range(rank // tp * tp, rank // tp * tp + tp))
+    ctx.check(_ranks(groups.tp_group) == block, f"tp={tp}: the TP group holds ranks {_ranks(groups.tp_group)}, "
+                                                f"expected {block} (blocks of tp consecutive ranks)")
+    ctx.check((groups.tp_size, groups.tp_rank) == (tp, block.index(rank)),
+              f"tp={tp}: Groups says tp_size={groups.tp_size}, tp_rank={groups.tp_rank}; "
+              f"expected {tp}, {block.index(rank)}")
+    if moe:
+        ep, etp = ex["ep"], ex["etp"]
+        start = rank // (ep * etp) * (ep * etp)
+        etp_ranks = list(range(rank // etp * etp, rank // etp * etp + etp))
+        ep_ranks = [start + e * etp + rank % etp for e in range(ep)]
+        for label, group, want, size, index in (
+                ("expert-TP", groups.expert_tp_group, etp_ranks, groups.expert_tp_size, groups.expert_tp_rank),
+                ("EP", groups.ep_group, ep_ranks, groups.ep_size, groups.ep_rank)):
+            ctx.check(_ranks(group) == want,
+                      f"ep={ep}, etp={etp}: the {label} group holds ranks {_ranks(group)}, expected {want}")
+            ctx.check((size, index) == (len(want), want.index(rank)),
+                      f"ep={ep}, etp={etp}: Groups says {label} size {size}, rank {index}; "
+                      f"expected {len(want)}, {want.index(rank)}")
+    again = backend.init_parallel(tp, ex["ep"], ex["etp"]) if moe else backend.init_parallel(tp)
+    ctx.check(again.tp_group is groups.tp_group,
+              f"tp={tp}: a second init_parallel with the same sizes made a new TP group (groups must be reused)")
+
+
+@prop("TP-GROUP-1", "TP-ERR-1",
+      strategy=lambda ctx: st.sampled_from([t for t in range(2, 4 * ctx.world_size + 2) if ctx.world_size % t][:4]))
+def bad_parallel_sizes_raise(ctx, backend, tp):
+    """init_parallel with a TP size that does not divide the world raises ValueError naming it."""
+    raises_everywhere(ctx, lambda: backend.init_parallel(tp), (ValueError,),
+                      f"init_parallel(tp={tp}) in a world of {ctx.world_size}",
+                      mentions=("tensor_model_parallel_size", "tensor parallel", "tp"))
+
+
+@st.composite
+def _bad_layer_examples(draw, ctx):
+    t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
+    case = draw(st.sampled_from(["column_out", "row_in", "column_input_shape", "row_input_shape"]))
+    ex = {"kind": case.split("_")[0], "tp": t, "sp": False, "a2a": False, "gather_output": False,
+          "input_is_parallel": True, "stride": 1, "bias": draw(st.booleans()), "skip_bias_add": False,
+          "s": t, "b": 1, "in": t * draw(st.integers(1, 3)), "out": t * draw(st.integers(1, 3)),
+          "dim": t, "alpha": 1, "dtype": "float32", "seed": draw(st.integers(0, 2**16)), "case": case}
+    if case == "column_out":
+        ex["out"] += draw(st.integers(1, t - 1))
+    if case == "row_in":
+        ex["in"] += draw(st.integers(1, t - 1))
+    return ex
+
+
+@prop("TP-ERR-1", needs={"tp"}, min_world=2, strategy=_bad_layer_examples)
+def bad_layer_sizes_and_inputs_raise_everywhere(ctx, backend, ex):
+    """Sizes not divisible by t, or an input of the wrong shape: ValueError naming it, on every rank,
+    before any collective (a collective on the TP group still works afterwards)."""
+    case, t = ex["case"], ex["tp"]
+    if case in ("column_out", "row_in"):
+        what = f"make_linear of a {ex['kind']} layer in={ex['in']}, out={ex['out']} at tp={t}"
+        mentions = ("out",) if case == "column_out" else ("input", "in_features", "in_size")
+        raises_everywhere(ctx, lambda: build_base(ctx, backend, ex), (ValueError,), what, mentions)
+    else:
+        base = build_base(ctx, backend, ex)
+        last = ex["in"] // t if ex["kind"] == "row" else ex["in"]
+        x = torch.zeros(ex["s"], ex["b"], last + 1, dtype=base.dtype, device=ctx.device)
+        raises_everywhere(ctx, lambda: base.wrapped(x), (ValueError,),
+                          f"a {ex['kind']} layer (in={ex['in']}, tp={t}) given an input of shape {tuple(x.shape)}",
+                          mentions=("input", "shape"))
+    check_group_in_step(ctx, backend.init_parallel(t).tp_group, t)
+
+
+# -- TinyGPT ----------------------------------------------------------------------------------------
+
+def _model_spec(ex: dict, t: int, sp: bool) -> ModelSpec:
+    return ModelSpec(kind="gpt", seed=ex["seed"], sequence_parallel=sp, gated_linear_unit=ex["gated"],
+                     num_attention_heads=max(4, t))
+
+
+@st.composite
+def _model_examples(draw, ctx):
+    t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
+    return {"tp": t, "sp": draw(st.booleans()), "gated": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
+            "s": t * draw(st.integers(1, 3)), "b": draw(st.integers(1, 2))}
+
+
+def _input_ids(ctx, ex: dict, vocab: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(ex["seed"] + 7)
+    return torch.randint(0, vocab, (ex["b"], ex["s"]), generator=generator).to(ctx.device)
+
+
+@prop("TP-MODEL-1", needs={"models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
+def tiny_gpt_logits_are_the_same_at_every_tp(ctx, backend, ex):
+    """The same seed gives the same TinyGPT logits at TP 1 and TP t (with or without SP, gated or
+    not); building it leaves the caller's generator untouched."""
+    sp = ex["sp"] and "sp" in backend.capabilities
+    logits = {}
+    for t, use_sp in ((1, False), (ex["tp"], sp)):
+        backend.init_parallel(t)
+        spec = _model_spec(ex, t, use_sp)
+        state = torch.get_rng_state()
+        model = backend.make_model(spec)
+        ctx.check(torch.equal(torch.get_rng_state(), state),
+                  f"make_model (tp={t}, sp={use_sp}) changed the caller's global generator")
+        logits[t] = backend.model_forward(model, spec, {"input_ids": _input_ids(ctx, ex, spec.vocab_size)})
+    want = logits[1].double()
+    ctx.check(tuple(logits[ex["tp"]].shape) == (ex["b"], ex["s"], 64),
+              f"TinyGPT logits have shape {tuple(logits[ex['tp']].shape)}, expected {(ex['b'], ex['s'], 64)}")
+    ctx.assert_close(logits[ex["tp"]], want, torch.float32,
+                     f"TinyGPT logits at tp={ex['tp']} (sp={sp}, gated={ex['gated']}) vs tp=1", scale=10)
+
+
+def _full_parameter(ctx, module, name: str, param, group):
+    """The full tensor of a parameter of a TP-t model, or None when its layout is unknown."""
+    mode = getattr(module, "parallel_mode", None)
+    dim = getattr(module, "weight_shard_dim", None)
+    stride = getattr(module, "stride", 1) if mode == "column" else 1
+    if name == "weight" and dim is not None:
+        return ctx.gather(param, dim, group, stride)
+    if name == "bias" and mode == "column":
+        return ctx.gather(param, 0, group, stride)
+    if name == "bias" and mode == "row":
+        return param.detach()
+    return None
+
+
+@prop("TP-INIT-1", needs={"models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
+def tiny_gpt_full_weights_are_the_same_at_every_tp(ctx, backend, ex):
+    """One seed gives one full weight at every t: the gathered parameters of TinyGPT at TP t equal
+    those at TP 1 (modules that say how they are sharded: parallel_mode / weight_shard_dim / stride)."""
+    models, groups = {}, {}
+    for t in (1, ex["tp"]):
+        groups[t] = backend.init_parallel(t)
+        models[t] = backend.make_model(_model_spec(ex, t, False))
+    sharded = dict(models[ex["tp"]].named_modules())
+    compared = 0
+    for module_name, module in models[1].named_modules():
+        for name, full in module.named_parameters(recurse=False):
+            other = sharded.get(module_name)
+            qualified = f"{module_name}.{name}" if module_name else name
+            ctx.check(other is not None and getattr(other, name, None) is not None,
+                      f"tp={ex['tp']}: TinyGPT has no parameter {qualified}")
+            local = getattr(other, name)
+            if tuple(local.shape) == tuple(full.shape) and getattr(other, "parallel_mode", None) is None:
+                gathered = local.detach()
+            else:
+                gathered = _full_parameter(ctx, other, name, local, groups[ex["tp"]].tp_group)
+                if gathered is None:
+                    continue
+            compared += 1
+            ctx.assert_close(gathered, full.detach().double(), torch.float64,
+                             f"full {qualified} at tp={ex['tp']} (gated={ex['gated']}) vs tp=1")
+    ctx.check(compared > 0, "no TinyGPT parameter could be compared")
