@@ -160,8 +160,8 @@ class _Experts(nn.Module):
         out = all_tokens * 0 + (all_probs * 0).sum(dim=-1, keepdim=True).to(all_tokens.dtype)
         for local, global_id in enumerate(self.local_expert_ids):
             token_ids, slot = (all_indices == global_id).nonzero(as_tuple=True)
-            if token_ids.numel() == 0:   # the same on every expert-TP rank: they see the same tokens
-                continue
+            # Even with no token (n = 0) the expert runs, so that its trainable parameters are in
+            # every rank's graph and every rank's backward runs the same collectives.
             y = self.expert_forward(all_tokens[token_ids], local)                  # (n, h), partial over etp
             out = out.index_add(0, token_ids, y * all_probs[token_ids, slot].unsqueeze(-1).to(y.dtype))
         return reduce_scatter_to_sequence_parallel_region(out, group)             # (T, h)

@@ -1,0 +1,227 @@
+"""SPEC section 8: putting adapters into a model, freezing, idempotence, and TP invariance.
+
+Adapter parameters are those backend.adapter_weights returns for the modules backend.lora_modules
+lists; every other parameter is a base parameter. For TP invariance the suite draws the full A and B
+of every LoRA module from the module's name (conformance/model_case.py) and writes this rank's SPEC
+shards into it ([LORA-FWD-2]); loading A too keeps [LORA-INIT-2] (the same drawn A at every TP size)
+out of this check.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from ..backend import Container, LinearSpec, ModelSpec
+from ..model_case import (
+    DEFAULT_TARGETS,
+    apply_quietly,
+    load_model_adapters,
+    pattern_selects,
+    plans,
+    token_ids,
+)
+from ..registry import prop
+
+TARGET_SETS = [DEFAULT_TARGETS, ["linear_qkv"], ["linear_proj", "linear_fc2"], [*DEFAULT_TARGETS, "output_layer"],
+               ["linear_fc1", "output_layer"]]
+
+
+def _spec(ctx, ex, sp: bool) -> ModelSpec:
+    heads = max(4, ctx.world_size)
+    return ModelSpec(kind="gpt", seed=ex["seed"], num_layers=ex["num_layers"], hidden_size=4 * heads,
+                     ffn_hidden_size=4 * heads, num_attention_heads=heads, vocab_size=4 * heads,
+                     sequence_parallel=sp, gated_linear_unit=ex["gated"])
+
+
+@st.composite
+def model_examples(draw, ctx, tp=None):
+    t = draw(st.sampled_from(list(tp or ctx.tp_sizes)))
+    return {"tp": t, "sp": draw(st.booleans()) if t > 1 else False, "num_layers": draw(st.integers(1, 2)),
+            "gated": draw(st.booleans()), "targets": draw(st.sampled_from(range(len(TARGET_SETS)))),
+            "dim": t * draw(st.integers(1, 2)), "alpha": draw(st.sampled_from([0.5, 1, 4])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+def _layout(backend, ex):
+    """(tp, sp) moved onto what the backend supports."""
+    tp = ex["tp"] if "tp" in backend.capabilities else 1
+    return tp, ex["sp"] and tp > 1 and "sp" in backend.capabilities
+
+
+def _config(ex, **fields):
+    import reference
+
+    return reference.LoRA(target_modules=list(TARGET_SETS[ex["targets"]]), dim=ex["dim"], alpha=ex["alpha"], **fields)
+
+
+def _build(ctx, backend, ex, tp, sp):
+    groups = backend.init_parallel(tp)
+    spec = _spec(ctx, ex, sp)
+    return groups, spec, backend.make_model(spec)
+
+
+def _adapter_params(backend, model) -> dict[int, str]:
+    """id(parameter) -> 'module name.A|B' for every adapter parameter."""
+    out = {}
+    for name, module in backend.lora_modules(model).items():
+        A, B = backend.adapter_weights(module)
+        out[id(A)], out[id(B)] = f"{name}.A", f"{name}.B"
+    return out
+
+
+def _check_modes(ctx, model, training: bool, what: str) -> None:
+    wrong = [name or "<model>" for name, m in model.named_modules() if m.training != training]
+    ctx.check(not wrong, f"{what}: modules not in {'train' if training else 'eval'} mode: {wrong[:4]}")
+
+
+@prop("LORA-INJ-1", "LORA-BWD-3", needs={"models"}, strategy=model_examples)
+def apply_trains_exactly_the_adapters(ctx, backend, ex):
+    """training=True: only adapter parameters require grad, and the model is in train mode."""
+    tp, sp = _layout(backend, ex)
+    _, _, model = _build(ctx, backend, ex, tp, sp)
+    model.eval()
+    apply_quietly(backend, model, _config(ex), training=True)
+    adapters = _adapter_params(backend, model)
+    ctx.check(bool(adapters), f"target_modules={TARGET_SETS[ex['targets']]}: no module got an adapter")
+    frozen_adapters = [label for p in model.parameters() if id(p) in adapters and not p.requires_grad
+                       for label in [adapters[id(p)]]]
+    stray = [adapters[k] for k in adapters if k not in {id(p) for p in model.parameters()}]
+    trainable_base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
+    ctx.check(not stray, f"adapter parameters that are not parameters of the model: {stray[:4]}")
+    ctx.check(not frozen_adapters, f"adapter parameters that do not require grad: {frozen_adapters[:4]}")
+    ctx.check(not trainable_base, f"base parameters that still require grad: {trainable_base[:4]}")
+    _check_modes(ctx, model, True, "after apply_lora(training=True)")
+
+
+@prop("LORA-INJ-2", needs={"models"}, strategy=model_examples)
+def inference_freezes_everything(ctx, backend, ex):
+    """training=False: no parameter (adapters included) requires grad, and the model is in eval mode."""
+    tp, sp = _layout(backend, ex)
+    _, _, model = _build(ctx, backend, ex, tp, sp)
+    model.train()
+    apply_quietly(backend, model, _config(ex), training=False)
+    ctx.check(bool(backend.lora_modules(model)), "training=False: no module got an adapter")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    ctx.check(not trainable, f"after apply_lora(training=False) these require grad: {trainable[:4]}")
+    _check_modes(ctx, model, False, "after apply_lora(training=False)")
+
+
+@prop("LORA-INJ-3", needs={"models"}, strategy=model_examples)
+def applying_twice_changes_nothing(ctx, backend, ex):
+    """A second apply_lora with the same config: same adapted modules, same trainable parameters, no
+    wrapper wrapped again and no adapter inside an adapted module."""
+    tp, sp = _layout(backend, ex)
+    _, _, model = _build(ctx, backend, ex, tp, sp)
+    config = _config(ex)
+    apply_quietly(backend, model, config, training=True)
+    first = dict(backend.lora_modules(model))
+    weights = {name: tuple(id(w) for w in backend.adapter_weights(m)) for name, m in first.items()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    apply_quietly(backend, model, config, training=True)
+    second = backend.lora_modules(model)
+    ctx.check(set(second) == set(first),
+              f"the second apply changed the adapted modules: added {sorted(set(second) - set(first))[:4]}, "
+              f"removed {sorted(set(first) - set(second))[:4]}")
+    replaced = [n for n in first if second.get(n) is not first[n]]
+    ctx.check(not replaced, f"the second apply replaced (re-wrapped) adapted modules: {replaced[:4]}")
+    nested = sorted(n for n in second if any(n.startswith(m + ".") for m in second))
+    ctx.check(not nested, f"adapters inside adapted modules after the second apply: {nested[:4]}")
+    changed = [n for n, m in second.items() if tuple(id(w) for w in backend.adapter_weights(m)) != weights[n]]
+    ctx.check(not changed, f"the second apply replaced the adapter weights of {changed[:4]}")
+    now = {id(p) for p in model.parameters() if p.requires_grad}
+    ctx.check(now == trainable, f"the second apply changed the trainable set: {len(now - trainable)} added, "
+                                f"{len(trainable - now)} removed")
+
+
+INJ4_PATTERNS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "{parent}.*", "*.{name}", "mlp.*",
+                 "self_attention.*", "*", "{name}.*"]
+
+
+@prop("LORA-INJ-4", needs={"models"},
+      strategy=lambda ctx: st.fixed_dictionaries({
+          "kind": st.sampled_from(["column", "row", "linear"]),
+          "name": st.sampled_from(DEFAULT_TARGETS),
+          "parent": st.sampled_from(["self_attention", "mlp"]),
+          "pattern": st.sampled_from(INJ4_PATTERNS),
+          "chunks": st.integers(1, 2),
+          "seed": st.integers(0, 2**16)}))
+def transform_wraps_a_selected_module_only(ctx, backend, ex):
+    """A lone base layer named by its parent and attribute name is wrapped iff a pattern selects it;
+    an unselected one is left as it is; a wrapper is left as it is on a second apply; a list of
+    chunks is accepted, each chunk transformed."""
+    kind = ex["kind"] if ex["kind"] != "linear" or "linear" in backend.capabilities else "column"
+    groups = backend.init_parallel(1)
+    full_name = f"{ex['parent']}.{ex['name']}"
+    pattern = ex["pattern"].format(parent=ex["parent"], name=ex["name"])
+    selected = pattern_selects(pattern, full_name)
+    chunks, bases = [], []
+    for c in range(ex["chunks"]):
+        W = ctx.randn((8, 8), ex["seed"] + c, dtype=torch.float32)
+        base = backend.make_linear(LinearSpec(kind=kind, in_features=8, out_features=8, weight=W, groups=groups,
+                                              name=ex["name"]))
+        chunk = nn.Module()
+        chunk.add_module(ex["parent"], Container(ex["name"], base))
+        chunks.append(chunk)
+        bases.append(base)
+    model = chunks if ex["chunks"] > 1 else chunks[0]
+    import reference
+
+    config = reference.LoRA(target_modules=[pattern], dim=2, alpha=4)
+    apply_quietly(backend, model, config)
+    where = f"target_modules=[{pattern!r}], module {full_name} ({kind})"
+    wrappers = []
+    for chunk, base in zip(chunks, bases):
+        layer = getattr(chunk, ex["parent"]).layer()
+        names = set(backend.lora_modules(chunk))
+        if selected:
+            ctx.check(names == {full_name}, f"{where}: adapted modules {sorted(names)}, expected [{full_name!r}]")
+            ctx.check(layer is not base, f"{where}: the selected module was not replaced by a wrapper")
+        else:
+            ctx.check(not names, f"{where}: adapted {sorted(names)}, but the pattern does not select it")
+            ctx.check(layer is base, f"{where}: the unselected module was replaced")
+        wrappers.append(layer)
+    apply_quietly(backend, model, config)
+    for chunk, before in zip(chunks, wrappers):
+        ctx.check(getattr(chunk, ex["parent"]).layer() is before,
+                  f"{where}: a second apply replaced the {'wrapper' if selected else 'module'}")
+
+
+@prop("LORA-INJ-5", "LORA-FWD-2", needs={"models", "tp"}, weight=0.5, min_world=2,
+      strategy=lambda ctx: model_examples(ctx, tp=[t for t in ctx.tp_sizes if t > 1]))
+def adapted_model_is_tp_invariant(ctx, backend, ex):
+    """TinyGPT + LoRA with the same full weights at TP 1 and TP t (SP on or off): the same logits and
+    the same gathered adapter gradients."""
+    tp, sp = _layout(backend, ex)
+    one = _forward_backward(ctx, backend, ex, 1, False)
+    many = _forward_backward(ctx, backend, ex, tp, sp)
+    where = f"TP {tp} (sp={sp}) vs TP 1"
+    ctx.assert_close(many[0], one[0], torch.float32, f"logits at {where}", scale=10)
+    ctx.check(set(many[1]) == set(one[1]),
+              f"adapted modules differ at {where}: {sorted(set(many[1]) ^ set(one[1]))[:4]}")
+    for name, (dA, dB) in one[1].items():
+        # float32 sums in a different order through a deep model: judged relative to the largest entry.
+        for label, got, want in (("A", many[1][name][0], dA), ("B", many[1][name][1], dB)):
+            ctx.assert_close(got, want, torch.float32, f"gathered gradient of {label} of {name} at {where}",
+                             scale=20 * max(1.0, want.abs().max().item()))
+
+
+def _forward_backward(ctx, backend, ex, tp, sp):
+    groups, spec, model = _build(ctx, backend, ex, tp, sp)
+    apply_quietly(backend, model, _config(ex), training=True)
+    plan_by_name = plans(backend, model, spec, groups, ex["dim"])
+    load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
+    ids = token_ids(ctx, spec, batch=2, seq=8, seed=ex["seed"] + 1)
+    logits = backend.model_forward(model, spec, {"input_ids": ids})
+    G = ctx.randn(tuple(logits.shape), ex["seed"] + 2)
+    (logits.float() * G.float()).sum().backward()
+    backend.finalize_grads(model)
+    modules = backend.lora_modules(model)
+    grads = {}
+    for name, plan in plan_by_name.items():
+        A, B = backend.adapter_weights(modules[name])
+        ctx.check(A.grad is not None and B.grad is not None, f"the adapter of {name} got no gradient (TP {tp})")
+        grads[name] = (plan.gather(ctx, A.grad, "A").double(), plan.gather(ctx, B.grad, "B").double())
+    return logits.detach().double(), grads
+

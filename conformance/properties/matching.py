@@ -1,0 +1,173 @@
+"""SPEC section 3: which modules get an adapter, on TinyGPT's Megatron names at TP 1.
+
+The expected selection is the suite's own (conformance/model_case.py): the candidates are the
+linear-like modules of model.named_modules() enumerated before LoRA is applied, and a pattern selects
+a module when the module's attribute name equals it or when it matches the whole full name with `*`
+standing for any run of characters and every other character literal. The backend's answer is the
+set of full names of backend.lora_modules(model).
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from ..backend import ModelSpec
+from ..model_case import (
+    DEFAULT_TARGETS,
+    apply_quietly,
+    expected_selection,
+    linear_candidates,
+    unmatched_targets,
+)
+from ..registry import prop
+
+SHORT_NAMES = [*DEFAULT_TARGETS, "output_layer"]
+# Wildcard templates ({i}: a layer index). With at most 10 layers every index is one digit, so a
+# dot read as "any character" selects the same modules: only wildcard_dots_are_literal tells them apart.
+TEMPLATES = [
+    "*.layers.{i}.*.linear_qkv", "decoder.layers.*.mlp.linear_fc1", "*linear_fc*", "*.layers.{i}.*",
+    "decoder.layers.{i}.self_attention.*", "*_layer", "*proj", "decoder.*", "*.mlp.*", "*.linear_qkv", "*",
+]
+# Patterns that select nothing unless matching is unanchored or takes non-linear modules; every
+# drawn list of wildcards holds one.
+PROBES = [
+    "linear_*",                         # anchored at the start: no full name starts with "linear_"
+    "*.linear_fc",                      # anchored at the end: linear_fc1 / linear_fc2 continue past it
+    "decoder.layers.{i}",               # a transformer layer (not a linear), and a prefix of its linears
+    "*.layers.{i}.self_attention",      # a prefix of the attention linears' names
+]
+UNMATCHED = ["linear_kv", "no_such_module", "*.layers.99.*", "decoder.layers.{n}.mlp.linear_fc1", "*.router"]
+
+
+def _spec(num_layers: int) -> ModelSpec:
+    return ModelSpec(kind="gpt", seed=0, num_layers=num_layers, hidden_size=8, ffn_hidden_size=8,
+                     num_attention_heads=2, vocab_size=8)
+
+
+def _model(backend, num_layers):
+    backend.init_parallel(1)
+    model = backend.make_model(_spec(num_layers))
+    return model, linear_candidates(model)
+
+
+def _lora(targets, excludes=()):
+    import reference
+
+    return reference.LoRA(target_modules=list(targets), exclude_modules=list(excludes), dim=2, alpha=4)
+
+
+def _selected(ctx, backend, model, targets, excludes=()):
+    apply_quietly(backend, model, _lora(targets, excludes))
+    return set(backend.lora_modules(model))
+
+
+def _compare(ctx, got: set, want: set, what: str) -> None:
+    missing, extra = sorted(want - got), sorted(got - want)
+    ctx.check(not missing and not extra,
+              f"{what}: {len(got)} modules adapted, expected {len(want)}; "
+              f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+              f"unexpected {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+
+
+def _fill(template: str, i: int, n: int) -> str:
+    return template.replace("{i}", str(i)).replace("{n}", str(n))
+
+
+@prop("LORA-MATCH-1", needs={"models"},
+      strategy=lambda ctx: st.fixed_dictionaries({"num_layers": st.integers(1, 12)}))
+def full_names_are_dotted_module_paths(ctx, backend, ex):
+    """Default targets: the adapted modules' full names are the dotted paths of named_modules()."""
+    model, candidates = _model(backend, ex["num_layers"])
+    got = _selected(ctx, backend, model, DEFAULT_TARGETS)
+    want = expected_selection(candidates, DEFAULT_TARGETS)
+    ctx.check(f"decoder.layers.{ex['num_layers'] - 1}.self_attention.linear_qkv" in want,
+              "the model lacks Megatron's names (decoder.layers.N.self_attention.linear_qkv, SPEC [TP-MODEL-1])")
+    _compare(ctx, got, want, "full names with the default target_modules")
+    names = {name for name, _ in model.named_modules()}
+    ctx.check(got <= names, "lora_modules() names modules that model.named_modules() does not list")
+
+
+@prop("LORA-MATCH-2", needs={"models"},
+      strategy=lambda ctx: st.fixed_dictionaries({
+          "num_layers": st.integers(1, 4),
+          "targets": st.lists(st.sampled_from(SHORT_NAMES), min_size=1, max_size=5, unique=True),
+          "overlap": st.lists(st.sampled_from(["*", "*.linear_qkv", "*.mlp.*", "decoder.*"]), max_size=2, unique=True),
+      }))
+def short_names_select_exactly_and_once(ctx, backend, ex):
+    """Short names select exactly the modules of that attribute name; a module matched by several
+    patterns (the first one wins) is wrapped once."""
+    model, candidates = _model(backend, ex["num_layers"])
+    targets = ex["targets"] + ex["overlap"]
+    got = _selected(ctx, backend, model, targets)
+    _compare(ctx, got, expected_selection(candidates, targets), f"target_modules={targets}")
+    nested = sorted(n for n in got if any(n.startswith(m + ".") for m in got))
+    ctx.check(not nested, f"target_modules={targets}: adapters inside adapted modules: {nested[:4]}")
+
+
+@prop("LORA-MATCH-3", needs={"models"},
+      strategy=lambda ctx: st.integers(2, 10).flatmap(lambda n: st.fixed_dictionaries({
+          "num_layers": st.just(n),
+          "probe": st.tuples(st.sampled_from(PROBES), st.integers(0, n - 1)),
+          "patterns": st.lists(st.tuples(st.sampled_from(TEMPLATES), st.integers(0, n - 1)), min_size=1, max_size=3),
+      })))
+def wildcard_patterns_match_whole_names(ctx, backend, ex):
+    """`*` is any run of characters (dots included); the pattern must match the whole full name."""
+    model, candidates = _model(backend, ex["num_layers"])
+    targets = list(dict.fromkeys(_fill(t, i, ex["num_layers"]) for t, i in [*ex["patterns"], ex["probe"]]))
+    got = _selected(ctx, backend, model, targets)
+    _compare(ctx, got, expected_selection(candidates, targets), f"target_modules={targets}")
+
+
+@prop("LORA-MATCH-3", needs={"models"}, weight=0.5,
+      strategy=lambda ctx: st.fixed_dictionaries({
+          "pattern": st.sampled_from(["*.layers.1.*", "decoder.layers.1.*", "*.layers.1.*.linear_fc1",
+                                      "*.1.*", "*.layers.1.self_attention.*"])}))
+def wildcard_dots_are_literal(ctx, backend, ex):
+    """Decision: dots are literal, so `*.layers.1.*` selects layer 1 and not layers 10 and 11
+    (Megatron-Bridge's unescaped regex lets `.` match any character)."""
+    model, candidates = _model(backend, 12)
+    got = _selected(ctx, backend, model, [ex["pattern"]])
+    wrong = sorted(n for n in got if n.startswith(("decoder.layers.10.", "decoder.layers.11.")))
+    ctx.check(not wrong, f"target_modules=[{ex['pattern']!r}] selected layers 10/11 ({wrong[:3]} ...): "
+                         f"a dot in a pattern must match only a dot (SPEC Decision [LORA-MATCH-3])")
+    _compare(ctx, got, expected_selection(candidates, [ex["pattern"]]), f"target_modules=[{ex['pattern']!r}]")
+
+
+@prop("LORA-MATCH-4", needs={"models"},
+      strategy=lambda ctx: st.integers(1, 4).flatmap(lambda n: st.fixed_dictionaries({
+          "num_layers": st.just(n),
+          "excludes": st.lists(st.one_of(st.tuples(st.sampled_from(SHORT_NAMES), st.just(0)),
+                                         st.tuples(st.sampled_from(TEMPLATES[:-1] + PROBES), st.integers(0, n - 1))),
+                               max_size=3),
+      })))
+def exclude_mode_adapts_every_other_linear(ctx, backend, ex):
+    """target_modules=[]: every linear-like module except those an exclude pattern matches."""
+    model, candidates = _model(backend, ex["num_layers"])
+    excludes = list(dict.fromkeys(_fill(t, i, ex["num_layers"]) for t, i in ex["excludes"]))
+    got = _selected(ctx, backend, model, [], excludes)
+    _compare(ctx, got, expected_selection(candidates, (), excludes), f"target_modules=[], exclude_modules={excludes}")
+
+
+@prop("LORA-MATCH-5", needs={"models"},
+      strategy=lambda ctx: st.fixed_dictionaries({
+          "num_layers": st.integers(1, 3),
+          "matched": st.lists(st.sampled_from(SHORT_NAMES + ["*.linear_qkv"]), max_size=2, unique=True),
+          "unmatched": st.lists(st.sampled_from(UNMATCHED), max_size=3, unique=True),
+      }).filter(lambda ex: ex["matched"] or ex["unmatched"]))
+def unmatched_targets_warn(ctx, backend, ex):
+    """Target patterns that select nothing are listed in exactly one UserWarning (none when all match)."""
+    backend.init_parallel(1)
+    model = backend.make_model(_spec(ex["num_layers"]))
+    candidates = linear_candidates(model)
+    targets = ex["matched"] + [_fill(p, 0, ex["num_layers"]) for p in ex["unmatched"]]
+    unmatched = unmatched_targets(candidates, targets)
+    records = apply_quietly(backend, model, _lora(targets))
+    mentions = [str(r.message) for r in records if issubclass(r.category, UserWarning)
+                and any(p in str(r.message) for p in targets)]
+    if not unmatched:
+        ctx.check(not mentions, f"target_modules={targets} all match, yet a UserWarning names them: {mentions[:2]}")
+        return
+    ctx.check(len(mentions) == 1, f"target_modules={targets}: {len(mentions)} UserWarnings about the unmatched "
+                                  f"patterns {unmatched}, expected exactly one listing them all: {mentions[:3]}")
+    missing = [p for p in unmatched if p not in mentions[0]]
+    ctx.check(not missing, f"the unmatched-pattern warning does not list {missing}: {mentions[0]!r}")
