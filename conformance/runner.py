@@ -161,6 +161,8 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
         status, message = FAIL, f"FLAKY: the failure did not reproduce on replay: {_first_lines(str(error))}"
     except HypothesisException as error:
         status, message = FAIL, f"{type(error).__name__}: {_first_lines(str(error))}"
+    except Exception as error:   # noqa: BLE001 - e.g. a strategy that raised: report it, run the rest
+        status, message = FAIL, f"the property itself raised (not an example): {type(error).__name__}: {error}"
     example = state["last_failing"] if status == FAIL else None
     return Outcome(prop, status, state["examples"], time.monotonic() - start, message, example,
                    reproduce=reproduce_command(options, prop, example) if status == FAIL else "")

@@ -82,7 +82,7 @@ def init_methods_draw_the_full_matrix_distribution(ctx, backend, drawn):
         _check_distribution(ctx, B, method_B, dim, out_features, f"B ({where})")
 
 
-@prop("LORA-INIT-2", needs={"tp"}, min_world=2,
+@prop("LORA-INIT-2", needs={"relayout", "tp"}, min_world=2,
       strategy=lambda ctx: st.tuples(layer_examples(ctx, kinds=("column", "row"), sp=(False,), a2a=(False,),
                                                     dtypes=("float32",), tp=[t for t in ctx.tp_sizes if t > 1]),
                                      st.sampled_from(["xavier", "kaiming", "normal"]),

@@ -188,7 +188,7 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
                   f"{where}: a second apply replaced the {'wrapper' if selected else 'module'}")
 
 
-@prop("LORA-INJ-5", "LORA-FWD-2", needs={"models", "tp"}, weight=0.5, min_world=2,
+@prop("LORA-INJ-5", "LORA-FWD-2", needs={"relayout", "models", "tp"}, weight=0.5, min_world=2,
       strategy=lambda ctx: model_examples(ctx, tp=[t for t in ctx.tp_sizes if t > 1]))
 def adapted_model_is_tp_invariant(ctx, backend, ex):
     """TinyGPT + LoRA with the same full weights at TP 1 and TP t (SP on or off): the same logits and

@@ -105,7 +105,7 @@ def _replicas(ctx, t: torch.Tensor, group) -> list[torch.Tensor]:
 
 # ---- [MOE-LAYER-1] [MOE-INIT-1] --------------------------------------------------------------------------
 
-@prop("MOE-LAYER-1", "MOE-INIT-1", needs=NEEDS, weight=0.5,
+@prop("MOE-LAYER-1", "MOE-INIT-1", needs=NEEDS | {"relayout"}, weight=0.5,
       strategy=lambda ctx: st.tuples(moe_examples(ctx), st.booleans(), st.booleans()))
 def moe_logits_are_the_same_at_every_layout(ctx, backend, drawn):
     """One seed gives the same logits at every (TP, EP, expert-TP), grouped or sequential, gated or not."""
@@ -327,7 +327,7 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
 
 # ---- [MOE-FWD-1] [MOE-ROUTER-1] ------------------------------------------------------------------------------
 
-@prop("MOE-FWD-1", "MOE-SHARE-2", needs=NEEDS, weight=0.25,
+@prop("MOE-FWD-1", "MOE-SHARE-2", needs=NEEDS | {"relayout"}, weight=0.25,
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans(), st.booleans(),
                                      st.lists(st.sampled_from(["linear_qkv", "linear_proj", "router"]), unique=True)))
 def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):

@@ -226,7 +226,7 @@ def _input_ids(ctx, ex: dict, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (ex["b"], ex["s"]), generator=generator).to(ctx.device)
 
 
-@prop("TP-MODEL-1", needs={"models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
+@prop("TP-MODEL-1", needs={"relayout", "models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
 def tiny_gpt_logits_are_the_same_at_every_tp(ctx, backend, ex):
     """The same seed gives the same TinyGPT logits at TP 1 and TP t (with or without SP, gated or
     not); building it leaves the caller's generator untouched."""
@@ -261,7 +261,7 @@ def _full_parameter(ctx, module, name: str, param, group):
     return None
 
 
-@prop("TP-INIT-1", needs={"models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
+@prop("TP-INIT-1", needs={"relayout", "models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
 def tiny_gpt_full_weights_are_the_same_at_every_tp(ctx, backend, ex):
     """One seed gives one full weight at every t: the gathered parameters of TinyGPT at TP t equal
     those at TP 1 (modules that say how they are sharded: parallel_mode / weight_shard_dim / stride)."""
