@@ -14,7 +14,7 @@ from ..backend import Backend, Groups, LinearSpec, ModelSpec
 class ReferenceBackend(Backend):
     name = "reference"
     capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
-                              "merge", "merge_model", "models", "moe", "vlm", "config_validation"})
+                              "merge", "merge_model", "models", "moe", "vlm", "config_validation", "relayout"})
 
     def describe(self) -> str:
         return f"reference (this repository), torch {torch.__version__}"
