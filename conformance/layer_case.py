@@ -233,3 +233,26 @@ def add_lora(ctx, backend, base: Built, load_adapter: bool = True, torch_seed: i
     if load_adapter:
         load_adapter_weights(built, backend)
     return built
+
+
+def as_plain_linear(ex: dict) -> dict:
+    """The same sizes on a plain nn.Linear base (for backends without tensor parallelism)."""
+    return dict(ex, kind="linear", tp=1, sp=False, a2a=False, gather_output=False, input_is_parallel=True,
+                stride=1, skip_bias_add=False)
+
+
+def fit_to_backend(ex: dict, backend) -> dict:
+    """The example moved onto bases the backend has, for properties whose point is not the base kind:
+    column/row bases become plain nn.Linear for a backend without "tp", and the reverse."""
+    caps = backend.capabilities
+    if ex["kind"] != "linear" and "tp" not in caps and "linear" in caps:
+        return as_plain_linear(ex)
+    if ex["kind"] == "linear" and "linear" not in caps:
+        return dict(ex, kind="column")                       # a TP-1 column base with the same sizes
+    if ex["tp"] > 1 and "tp" not in caps:
+        ex = dict(ex, tp=1, sp=False, a2a=False)
+    if ex["sp"] and "sp" not in caps:
+        ex = dict(ex, sp=False, a2a=False)
+    if ex["a2a"] and "a2a" not in caps:
+        ex = dict(ex, a2a=False)
+    return ex

@@ -90,8 +90,7 @@ def _plain(parallel_layer) -> nn.Linear:
 
 class PeftBackend(Backend):
     name = "peft"
-    capabilities = frozenset({"linear", "dropout_position", "init_methods", "merge_model", "models",
-                              "config_validation"})
+    capabilities = frozenset({"linear", "dropout_position", "init_methods", "merge_model", "models"})
 
     def describe(self) -> str:
         return f"HF PEFT {_peft().__version__} (LoRA on nn.Linear, TP=1), torch {torch.__version__}"

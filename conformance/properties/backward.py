@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..layer_case import adapter_shard_specs, build, expected, input_layout, layer_examples, local_piece, run
+from ..layer_case import (adapter_shard_specs, build, expected, fit_to_backend, input_layout, layer_examples,
+                          local_piece, run)
 from ..registry import prop
 
 
@@ -53,8 +54,7 @@ def linear_gradients_match_full_math(ctx, backend, ex):
 @prop("LORA-BWD-3", strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,)))
 def base_weights_are_frozen(ctx, backend, ex):
     """After LoRA is applied the base weight and bias do not require grad and get no gradient."""
-    if ex["kind"] != "linear" and "tp" not in backend.capabilities:
-        ex = dict(ex, kind="linear", tp=1)
+    ex = fit_to_backend(ex, backend)
     built = _check_backward(ctx, backend, ex)
     for name, param in built.container.named_parameters():
         is_adapter = any(param is w for w in backend.adapter_weights(built.wrapped))

@@ -18,7 +18,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..layer_case import build, expected, layer_examples, load_adapter_weights, local_piece, output_layout, run
+from ..layer_case import build, expected, layer_examples, load_adapter_weights, local_piece, output_layout, run, fit_to_backend
 from ..registry import prop
 
 MIN_ELEMENTS = 64
@@ -45,16 +45,7 @@ def dropout_examples(draw, ctx):
 
 def _supported(ex, backend):
     """The example, moved onto what the backend supports (dropout is the point here, not TP or a2a)."""
-    caps = backend.capabilities
-    if ex["kind"] == "linear" and "linear" not in caps:
-        ex = dict(ex, kind="column")                          # a TP-1 column base with the same sizes
-    if ex["tp"] > 1 and "tp" not in caps:
-        ex = dict(ex, tp=1, sp=False, a2a=False)
-    if ex["sp"] and "sp" not in caps:
-        ex = dict(ex, sp=False, a2a=False)
-    if ex["a2a"] and "a2a" not in caps:
-        ex = dict(ex, a2a=False)
-    return ex
+    return fit_to_backend(ex, backend)
 
 
 def _train_forward(ctx, backend, ex, **load):

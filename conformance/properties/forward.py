@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..layer_case import build, expected, layer_examples, local_piece, output_layout, run
+from ..layer_case import build, expected, fit_to_backend, layer_examples, local_piece, output_layout, run
 from ..registry import prop
 
 
@@ -56,12 +56,6 @@ def a2a_forward_matches_full_math(ctx, backend, ex):
     _check_forward(ctx, backend, ex, "a2a_experimental forward")
 
 
-def as_plain_linear(ex: dict) -> dict:
-    """The same sizes on a plain nn.Linear base (for backends without tensor parallelism)."""
-    return dict(ex, kind="linear", tp=1, sp=False, a2a=False, gather_output=False, input_is_parallel=True,
-                stride=1, skip_bias_add=False)
-
-
 @prop("LORA-FWD-5",
       strategy=lambda ctx: st.tuples(layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,),
                                                     dtypes=("float32",)),
@@ -69,8 +63,7 @@ def as_plain_linear(ex: dict) -> dict:
 def scale_is_alpha_over_dim(ctx, backend, drawn):
     """The update is scaled by alpha / dim for any alpha and dim (on whatever bases the backend has)."""
     ex, dim_factor, alpha = drawn
-    if ex["kind"] != "linear" and "tp" not in backend.capabilities:
-        ex = as_plain_linear(ex)
+    ex = fit_to_backend(ex, backend)
     dim = ex["dim"] * dim_factor if ex["kind"] == "column" else max(1, ex["dim"] * dim_factor // 4)
     _check_forward(ctx, backend, dict(ex, dim=dim, alpha=alpha), f"scale alpha/dim = {alpha}/{dim}")
 

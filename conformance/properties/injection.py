@@ -151,7 +151,11 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
     """A lone base layer named by its parent and attribute name is wrapped iff a pattern selects it;
     an unselected one is left as it is; a wrapper is left as it is on a second apply; a list of
     chunks is accepted, each chunk transformed."""
-    kind = ex["kind"] if ex["kind"] != "linear" or "linear" in backend.capabilities else "column"
+    kind = ex["kind"]
+    if kind != "linear" and "tp" not in backend.capabilities and "linear" in backend.capabilities:
+        kind = "linear"                      # the point is the transform, not the base kind
+    elif kind == "linear" and "linear" not in backend.capabilities:
+        kind = "column"
     groups = backend.init_parallel(1)
     full_name = f"{ex['parent']}.{ex['name']}"
     pattern = ex["pattern"].format(parent=ex["parent"], name=ex["name"])

@@ -164,7 +164,7 @@ def groups_have_the_spec_layout(ctx, backend, ex):
               f"tp={tp}: a second init_parallel with the same sizes made a new TP group (groups must be reused)")
 
 
-@prop("TP-GROUP-1", "TP-ERR-1",
+@prop("TP-GROUP-1", "TP-ERR-1", needs={"tp"},
       strategy=lambda ctx: st.sampled_from([t for t in range(2, 4 * ctx.world_size + 2) if ctx.world_size % t][:4]))
 def bad_parallel_sizes_raise(ctx, backend, tp):
     """init_parallel with a TP size that does not divide the world raises ValueError naming it."""
