@@ -76,6 +76,10 @@ def lora_adds_no_activation_sized_collective(ctx, backend, ex):
     from ..collectives_counter import counting
     from ..layer_case import build_base, input_layout
 
+    # Sizes where the activations (s·b·in, s·b·out per rank) are clearly larger than h (s·b·r).
+    t = ex["tp"]
+    ex = dict(ex, dim=t, **{"in": 8 * t, "out": 8 * t * ex["stride"]})
+
     def step(built):
         X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10, dtype=built.dtype)
         dim, stride = input_layout(ex)
