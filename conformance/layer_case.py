@@ -87,27 +87,8 @@ def lora_config(ex: dict, name: str, **overrides):
 
 
 def build(ctx, backend, ex: dict, load_adapter: bool = True, **lora_overrides) -> Built:
-    dtype = DTYPES[ex["dtype"]]
-    groups = backend.init_parallel(ex["tp"]) if ex["kind"] != "linear" else NO_TP  # nn.Linear: no layout
-    seed = ex["seed"]
-    W = _rounded(ctx.randn((ex["out"], ex["in"]), seed, scale=ex["in"] ** -0.5), dtype)
-    bias = _rounded(ctx.randn((ex["out"],), seed + 1), dtype) if ex["bias"] else None
-    name = NAMES[ex["kind"]]
-    spec = LinearSpec(kind=ex["kind"], in_features=ex["in"], out_features=ex["out"], weight=W.to(dtype),
-                      bias=None if bias is None else bias.to(dtype), sequence_parallel=ex["sp"],
-                      skip_bias_add=ex["skip_bias_add"], gather_output=ex["gather_output"],
-                      input_is_parallel=ex["input_is_parallel"], stride=ex["stride"], dtype=dtype,
-                      groups=groups, name=name)
-    container = Container(name, backend.make_linear(spec))
-    config = backend.validate_config(lora_config(ex, name, **lora_overrides))
-    backend.apply_lora(container, config, training=True)
-    wrapped = container.layer()
-    A = _rounded(ctx.randn((ex["dim"], ex["in"]), seed + 2, scale=ex["in"] ** -0.5), dtype)
-    B = _rounded(ctx.randn((ex["out"], ex["dim"]), seed + 3, scale=ex["dim"] ** -0.5), dtype)
-    built = Built(ex, groups, container, wrapped, W, bias, A, B, dtype)
-    if load_adapter:
-        load_adapter_weights(built, backend)
-    return built
+    """The example's base layer with LoRA, A and B loaded as SPEC shards (see build_base, add_lora)."""
+    return add_lora(ctx, backend, build_base(ctx, backend, ex), load_adapter=load_adapter, **lora_overrides)
 
 
 def adapter_shard_specs(ex: dict, groups) -> tuple[tuple, tuple]:
