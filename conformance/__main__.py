@@ -55,8 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             keyword_matcher(args.keyword)
         except ValueError as e:
             parser.error(f"-k: {e}")
-    if args.replay is not None and "=" not in args.replay:
-        parser.error("--replay expects PROPERTY_ID=JSON_EXAMPLE")
+    if args.replay is not None:
+        _, sep, example = args.replay.partition("=")
+        try:
+            if not sep:
+                raise ValueError("no '='")
+            json.loads(example)
+        except ValueError as e:
+            parser.error(f"--replay expects PROPERTY_ID=JSON_EXAMPLE ({e})")
     if args.dtypes is not None:
         from .context import DTYPES
 
@@ -119,12 +125,17 @@ def load_backend(spec: str):
         return ReferenceBackend()
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"conformance: --backend must be 'reference' or 'pkg.module:ClassName', got {spec!r}")
+        _usage_exit(f"--backend must be 'reference' or 'pkg.module:ClassName', got {spec!r}")
     try:
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"conformance: cannot load backend {spec!r}: {e}") from None
+        _usage_exit(f"cannot load backend {spec!r}: {e}")
     return target()
+
+
+def _usage_exit(message: str) -> None:
+    print(f"conformance: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def start_watchdog(limit_s: float, what: dict) -> None:
@@ -267,4 +278,9 @@ def _timedelta(seconds: float):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's shutdown: torch's process-group threads have been seen to abort
+    # at exit ("terminate called without an active exception"), which torchrun turns into a failure.
+    os._exit(code)

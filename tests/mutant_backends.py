@@ -1,0 +1,567 @@
+"""Deliberately broken LoRA backends: each one bug on top of the reference backend.
+
+tests/test_conformance.py runs the real conformance entry point against each of them and checks that
+the suite catches the bug: the SPEC clause named by `expected_clause` must come out "failed" when the
+properties selected by `select` (a `-k` expression) run. The bugs are injected without touching
+reference/: by overriding a backend method, or by patching methods on the adapters the reference
+creates (types.MethodType), or by patching a reference function only for the duration of one
+backend call (`_patched`).
+
+Classes without `expected_clause` (HangingCollectiveBackend, DyingRankBackend) are robustness probes
+with their own tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import reference
+from reference.init import init_full_weight
+from reference.lora import matching as _matching
+from reference.lora.adapter import LoRAWeight, ParallelLinearAdapter
+from reference.lora.experts import ExpertAdapter
+from reference.lora.transform import build_adapter, is_lora_wrapper
+from reference.lora.wrapper import LoRALinear
+from reference.parallel import (
+    all_to_all_hidden_to_sequence_parallel_region,
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    scatter_to_tensor_parallel_region,
+)
+
+from conformance.backends.reference import ReferenceBackend
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _chunks(model):
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _wrappers(model):
+    """Every LoRALinear-like wrapper in the model (or its chunks)."""
+    for chunk in _chunks(model):
+        for module in chunk.modules():
+            if is_lora_wrapper(module) and isinstance(module, LoRALinear):
+                yield module
+
+
+def _adapters(model, kinds=("column", "row", "none"), include_experts=True):
+    for chunk in _chunks(model):
+        for module in chunk.modules():
+            if isinstance(module, ParallelLinearAdapter) and module.base_kind in kinds:
+                if include_experts or not isinstance(module, ExpertAdapter):
+                    yield module
+
+
+@contextlib.contextmanager
+def _patched(owner, name, value):
+    """Replace owner.name by value for the duration of the block (one backend call)."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+class _Mutant(ReferenceBackend):
+    expected_clause: str | None = None
+    select: str | None = None
+    diagnosis: str | None = None        # a word the failure message must contain (robustness mutants)
+
+    @property
+    def name(self):   # noqa: D401 - shown in the report header
+        return f"mutant:{type(self).__name__}"
+
+    def describe(self) -> str:
+        doc = (type(self).__doc__ or "").strip().splitlines()[0]
+        return f"mutant {type(self).__name__} ({doc})"
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+
+class WrongScaleBackend(_Mutant):
+    """The update is scaled by alpha instead of alpha / dim."""
+
+    expected_clause = "LORA-FWD-5"
+    select = "LORA-FWD-5"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model):
+            adapter.scale = adapter.alpha          # BUG: should be alpha / dim
+        return model
+
+
+def _column_forward_without_gather(self, x, A, B, caller_communicates=False):
+    group = self.tp_group
+    if caller_communicates or self.explicit_expert_comm:
+        pass
+    elif self.sequence_parallel:
+        x = gather_from_sequence_parallel_region(x, group)
+    else:
+        x = copy_to_tensor_parallel_region(x, group)
+    h = self._down(x, A)                                 # BUG: (s, b, r/t) is never all-gathered to (s, b, r)
+    h = copy_to_tensor_parallel_region(h, group)
+    y = F.linear(h, B)
+    if self.gather_output and not caller_communicates:
+        y = gather_from_tensor_parallel_region(y, group)
+    return y
+
+
+class ColumnMissingGatherBackend(_Mutant):
+    """The column adapter does not all-gather A's output (s, b, r/t) before B."""
+
+    expected_clause = "LORA-FWD-2"
+    select = "forward.parallel_forward_matches_full_math"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model, kinds=("column",), include_experts=False):
+            adapter._column_forward = types.MethodType(_column_forward_without_gather, adapter)
+        return model
+
+
+def _column_forward_gather_wrong_axis(self, x, A, B, caller_communicates=False):
+    group = self.tp_group
+    if caller_communicates or self.explicit_expert_comm:
+        pass
+    elif self.sequence_parallel:
+        x = gather_from_sequence_parallel_region(x, group)
+    else:
+        x = copy_to_tensor_parallel_region(x, group)
+    h_local = self._down(x, A)                                                 # (s, b, r/t)
+    # BUG: gathered along the sequence (dim 0) instead of the hidden dim, then viewed as (s, b, r).
+    h = gather_from_sequence_parallel_region(h_local, group).reshape(*h_local.shape[:-1], -1)
+    h = copy_to_tensor_parallel_region(h, group)
+    y = F.linear(h, B)
+    if self.gather_output and not caller_communicates:
+        y = gather_from_tensor_parallel_region(y, group)
+    return y
+
+
+class GatherWrongAxisBackend(_Mutant):
+    """The column adapter all-gathers A's output along the sequence axis (then reshapes) instead of the last axis."""
+
+    expected_clause = "LORA-FWD-2"
+    select = "forward.parallel_forward_matches_full_math"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model, kinds=("column",), include_experts=False):
+            adapter._column_forward = types.MethodType(_column_forward_gather_wrong_axis, adapter)
+        return model
+
+
+def _row_forward_without_sp_scatter(self, x, A, B, caller_communicates=False):
+    group = self.tp_group
+    if not self.input_is_parallel and not caller_communicates:
+        x = scatter_to_tensor_parallel_region(x, group)
+    h = reduce_from_tensor_parallel_region(self._down(x, A), group)
+    h = copy_to_tensor_parallel_region(h, group)
+    y = F.linear(h, B)
+    if caller_communicates:
+        return y
+    if self.a2a_experimental:
+        return all_to_all_hidden_to_sequence_parallel_region(y, group)
+    return gather_from_tensor_parallel_region(y, group)   # BUG: no scatter to (s/t, b, out) under SP
+
+
+def _own_communication(model, kinds):
+    """Let the adapters of these base kinds do their own collectives (share_communication=False, the
+    Megatron-Bridge way), so that a bug in the adapter's own communication is on the path taken."""
+    for wrapper in _wrappers(model):
+        if getattr(wrapper.adapter, "base_kind", None) in kinds and hasattr(wrapper, "share_communication"):
+            wrapper.share_communication = False
+
+
+class RowNoSequenceScatterBackend(_Mutant):
+    """Under sequence parallelism the row adapter returns the full (s, b, out) instead of its sequence shard.
+
+    (The adapters do their own collectives, share_communication=False, as in Megatron-Bridge.)
+    """
+
+    expected_clause = "LORA-FWD-3"
+    select = "forward.sequence_parallel_forward_matches_full_math"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        _own_communication(model, ("row",))
+        for adapter in _adapters(model, kinds=("row",), include_experts=False):
+            adapter._row_forward = types.MethodType(_row_forward_without_sp_scatter, adapter)
+        return model
+
+
+class OwnActivationCollectivesBackend(_Mutant):
+    """LoRA wrappers do not share the base's collectives: the adapter adds its own activation-sized ones."""
+
+    expected_clause = "LORA-FWD-7"
+    select = "LORA-FWD-7"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        _own_communication(model, ("column", "row"))           # BUG: share_communication=False
+        return model
+
+
+class DropoutPostBeforeBBackend(_Mutant):
+    """dropout_position='post' drops the adapter's input (like 'pre') instead of its output."""
+
+    expected_clause = "LORA-FWD-6"
+    select = "LORA-FWD-6"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model):
+            if adapter.dropout_position == "post":
+                adapter.dropout_position = "pre"        # BUG: the mask lands before A and B
+        return model
+
+
+# ---- backward -------------------------------------------------------------------------------------
+
+def _column_forward_without_copy_to(self, x, A, B, caller_communicates=False):
+    group = self.tp_group
+    if caller_communicates or self.explicit_expert_comm:
+        pass
+    elif self.sequence_parallel:
+        x = gather_from_sequence_parallel_region(x, group)
+    # BUG: no copy_to_tensor_parallel_region(x): the input gradient is never all-reduced over TP
+    h = gather_from_tensor_parallel_region(self._down(x, A), group)
+    h = copy_to_tensor_parallel_region(h, group)
+    y = F.linear(h, B)
+    if self.gather_output and not caller_communicates:
+        y = gather_from_tensor_parallel_region(y, group)
+    return y
+
+
+class ColumnMissingInputGradReduceBackend(_Mutant):
+    """The column adapter skips copy_to (identity forward, all-reduce backward) on its input.
+
+    (The adapters do their own collectives, share_communication=False, as in Megatron-Bridge.)
+    """
+
+    expected_clause = "LORA-BWD-2"
+    select = "backward.parallel_gradients_match_full_math"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        _own_communication(model, ("column",))
+        for adapter in _adapters(model, kinds=("column",), include_experts=False):
+            adapter._column_forward = types.MethodType(_column_forward_without_copy_to, adapter)
+        return model
+
+
+class BaseNotFrozenBackend(_Mutant):
+    """Base weights and biases stay trainable after LoRA is applied."""
+
+    expected_clause = "LORA-BWD-3"
+    select = "LORA-BWD-3"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        if training:
+            for wrapper in _wrappers(model):
+                wrapper.to_wrap.requires_grad_(True)   # BUG
+        return model
+
+
+# ---- initialization -------------------------------------------------------------------------------
+
+class NonZeroBInitBackend(_Mutant):
+    """lora_B_init_method='zero' is ignored: B is drawn from N(0, 0.2^2)."""
+
+    expected_clause = "LORA-INIT-3"
+    select = "LORA-INIT-3"
+
+    def apply_lora(self, model, config, training=True):
+        if config.lora_B_init_method == "zero":
+            config = dataclasses.replace(config, lora_B_init_method="normal")   # BUG
+        return super().apply_lora(model, config, training)
+
+
+def _init_weights_per_shard(self, device, dtype):
+    """Each rank draws only its own shard, with the shard's fans (Megatron-Bridge's behaviour)."""
+    A_shape = tuple(self._shard_A(torch.empty(self.dim, self.in_features)).shape)
+    B_shape = tuple(self._shard_B(torch.empty(self.out_features, self.dim)).shape)
+    A = init_full_weight(A_shape, self.init_methods[0], field="lora_A_init_method")
+    B = init_full_weight(B_shape, self.init_methods[1], field="lora_B_init_method")
+    return LoRAWeight(A.to(device=device, dtype=dtype)), LoRAWeight(B.to(device=device, dtype=dtype))
+
+
+class PerShardInitBackend(_Mutant):
+    """Adapter weights are initialized per shard (fans of the shard, each rank its own draw), not on the full matrix."""
+
+    expected_clause = "LORA-INIT-2"
+    select = "LORA-INIT-2"
+
+    def apply_lora(self, model, config, training=True):
+        with _patched(ParallelLinearAdapter, "_init_weights", _init_weights_per_shard):
+            return super().apply_lora(model, config, training)
+
+
+# ---- dtype ------------------------------------------------------------------------------------------
+
+class LoraDtypeIgnoredOnParallelBackend(_Mutant):
+    """lora_dtype is ignored for tensor-parallel (column/row) adapters: they keep the base weight's dtype."""
+
+    expected_clause = "LORA-DTYPE-1"
+    select = "LORA-DTYPE-1"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for wrapper in _wrappers(model):
+            adapter = wrapper.adapter
+            if isinstance(adapter, ParallelLinearAdapter) and adapter.base_kind in ("column", "row"):
+                adapter.to(dtype=wrapper.to_wrap.weight.dtype)        # BUG
+        return model
+
+
+# ---- matching and injection ----------------------------------------------------------------------
+
+def _megatron_wildcard_regex(pattern: str) -> re.Pattern:
+    return re.compile(pattern.replace("*", ".*"))      # BUG: '.' is not escaped: any character
+
+
+class WildcardDotIsRegexBackend(_Mutant):
+    """In wildcard patterns '.' is a regex any-character instead of a literal dot."""
+
+    expected_clause = "LORA-MATCH-3"
+    select = "LORA-MATCH-3"
+
+    def apply_lora(self, model, config, training=True):
+        with _patched(_matching, "_wildcard_regex", _megatron_wildcard_regex):
+            return super().apply_lora(model, config, training)
+
+    def lora_modules(self, model):
+        with _patched(_matching, "_wildcard_regex", _megatron_wildcard_regex):
+            return super().lora_modules(model)
+
+
+class NotIdempotentBackend(_Mutant):
+    """Applying LoRA a second time wraps the existing LoRA wrappers again."""
+
+    expected_clause = "LORA-INJ-3"
+    select = "LORA-INJ-3"
+
+    def apply_lora(self, model, config, training=True):
+        existing = {id(w) for w in _wrappers(model)}
+        model = super().apply_lora(model, config, training)
+        for chunk in _chunks(model):
+            for parent_name, parent in list(chunk.named_modules()):
+                for name, child in list(parent.named_children()):
+                    if id(child) in existing and isinstance(child, LoRALinear) and type(child) is LoRALinear:
+                        full_name = f"{parent_name}.{name}" if parent_name else name
+                        adapter = build_adapter(config, child.to_wrap, full_name)
+                        adapter.requires_grad_(training)
+                        setattr(parent, name, LoRALinear(child, adapter))    # BUG: a wrapper of a wrapper
+        return model
+
+
+class InferenceAdaptersTrainableBackend(_Mutant):
+    """training=False leaves the adapters trainable (and the model in train mode)."""
+
+    expected_clause = "LORA-INJ-2"
+    select = "LORA-INJ-2"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, True)     # BUG: training flag dropped
+        return model
+
+
+class VLMFreezeAfterAdaptersBackend(_Mutant):
+    """VLMLoRA freezes its parts after the adapters are created, so adapters in frozen parts are frozen too."""
+
+    expected_clause = "VLM-FREEZE-2"
+    select = "VLM-FREEZE-2"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        freeze = getattr(config, "freeze_model", None)
+        if isinstance(config, reference.VLMLoRA) and freeze is not None:
+            freeze(model, training)                           # BUG: freezing runs after the adapters exist
+        return model
+
+
+# ---- merge ----------------------------------------------------------------------------------------
+
+class MergeWithoutGatherBackend(_Mutant):
+    """merge_weight uses only the local shards (tiled to the full size) instead of all-gathering A or B."""
+
+    expected_clause = "LORA-MERGE-1"
+    select = "LORA-MERGE-1"
+
+    def merge_weight(self, base_weight, linear_out, linear_in, alpha, dim, *, tp_size, tp_group):
+        A, B = linear_in, linear_out
+        if tp_size > 1 and A.shape[0] * tp_size == dim:
+            A = A.repeat(tp_size, 1)                          # BUG: should be gathered from every rank
+        elif tp_size > 1 and B.shape[0] * tp_size == base_weight.shape[0]:
+            B = B.repeat(tp_size, 1)                          # BUG
+        return reference.LoRAMerge().merge(base_weight, B, A, alpha, dim, tp_size=1, tp_group=None)
+
+
+class MergeModelDropsAdaptersBackend(_Mutant):
+    """merge_model replaces each wrapper by its base layer without folding the adapter into the weight."""
+
+    expected_clause = "LORA-MERGE-3"
+    select = "LORA-MERGE-3"
+
+    def merge_model(self, model):
+        def strip(module):
+            for name, child in list(module.named_children()):
+                if isinstance(child, LoRALinear) and type(child) is LoRALinear:
+                    setattr(module, name, child.to_wrap)        # BUG: the update is dropped, not merged
+                else:
+                    strip(child)
+
+        if isinstance(model, LoRALinear):
+            return model.to_wrap
+        for chunk in _chunks(model):
+            strip(chunk)
+        return model
+
+
+# ---- mixture of experts ----------------------------------------------------------------------------
+
+class NoMoERankNormalizationBackend(_Mutant):
+    """normalize_moe_lora is ignored: expert adapters keep the full rank dim."""
+
+    expected_clause = "MOE-RANK-1"
+    select = "MOE-RANK-1"
+
+    def apply_lora(self, model, config, training=True):
+        if config.normalize_moe_lora:
+            config = dataclasses.replace(config, normalize_moe_lora=False)     # BUG
+        return super().apply_lora(model, config, training)
+
+
+class SharedExpertGradsNotSyncedBackend(_Mutant):
+    """finalize_grads does nothing: shared expert adapters drift apart across the EP group."""
+
+    expected_clause = "MOE-SHARE-1"
+    select = "MOE-SHARE-1"
+
+    def finalize_grads(self, model):
+        pass                                                  # BUG: no sum over the EP group
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+class ErrorOnlyOnRankZeroBackend(_Mutant):
+    """A size error in apply_lora is raised on rank 0 only; the other ranks carry on without the adapter."""
+
+    expected_clause = "LORA-ERR-1"
+    select = "config.lora_errors_are_raised_on_every_rank_before_any_collective"
+
+    def apply_lora(self, model, config, training=True):
+        try:
+            return super().apply_lora(model, config, training)
+        except ValueError:
+            if dist.get_rank() == 0:
+                raise
+            return model                                      # BUG: the error is swallowed on this rank
+
+
+# ---- robustness ------------------------------------------------------------------------------------
+
+def _nan_output(module, original):
+    def forward(self, x, *args, **kwargs):
+        result = original(x, *args, **kwargs)
+        if isinstance(result, tuple):
+            return (result[0] * float("nan"),) + tuple(result[1:])
+        return result * float("nan")
+    module.forward = types.MethodType(forward, module)
+
+
+class NaNForwardBackend(_Mutant):
+    """The LoRA-wrapped layer's forward returns NaN."""
+
+    expected_clause = "LORA-FWD-1"
+    select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
+    diagnosis = "non-finite"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for wrapper in _wrappers(model):
+            _nan_output(wrapper, wrapper.forward)
+        return model
+
+
+class WrongShapeBackend(_Mutant):
+    """The LoRA-wrapped layer's forward returns its output with an extra leading dimension."""
+
+    expected_clause = "LORA-FWD-1"
+    select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
+    diagnosis = "shape"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for wrapper in _wrappers(model):
+            original = wrapper.forward
+
+            def forward(self, x, *args, _original=original, **kwargs):
+                result = _original(x, *args, **kwargs)
+                if isinstance(result, tuple):
+                    return (result[0].unsqueeze(0),) + tuple(result[1:])
+                return result.unsqueeze(0)
+
+            wrapper.forward = types.MethodType(forward, wrapper)
+        return model
+
+
+class RaisesInApplyBackend(_Mutant):
+    """apply_lora raises RuntimeError."""
+
+    expected_clause = "LORA-FWD-1"
+    select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
+    diagnosis = "RuntimeError: mutant: apply_lora is broken"
+
+    def apply_lora(self, model, config, training=True):
+        raise RuntimeError("mutant: apply_lora is broken")
+
+
+class HangingCollectiveBackend(_Mutant):
+    """In the adapter forward of a TP-parallel layer (tp > 1), rank 0 alone all-reduces on the TP group.
+
+    The other ranks never join that collective, so rank 0 blocks until the group's timeout. The
+    suite must turn that into a failed property ("HANG: ...") and go on with the next property.
+    Non-parallel adapters (nn.Linear bases) are unaffected, so later properties on them pass.
+    """
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model, kinds=("column", "row"), include_experts=False):
+            if adapter.tp_size > 1:
+                original = adapter.forward
+
+                def forward(self, x, *args, _original=original, **kwargs):
+                    if dist.get_rank(self.tp_group) == 0:
+                        dist.all_reduce(torch.zeros(1, device=x.device), group=self.tp_group)   # BUG: rank 0 only
+                    return _original(x, *args, **kwargs)
+
+                adapter.forward = types.MethodType(forward, adapter)
+        return model
+
+
+class DyingRankBackend(_Mutant):
+    """Rank 1 exits (os._exit(5)) the first time apply_lora is called."""
+
+    def apply_lora(self, model, config, training=True):
+        if dist.is_initialized() and dist.get_rank() == 1:
+            os._exit(5)
+        return super().apply_lora(model, config, training)
+
+
+MUTANTS = [cls for cls in list(globals().values())
+           if isinstance(cls, type) and issubclass(cls, _Mutant) and cls.expected_clause]
