@@ -16,8 +16,8 @@ applied only when `transformer_engine` cannot be imported (a real TE is never ma
    `use_transformer_engine_op_fuser`): a stub with that one name is present only while that module
    is imported, then removed.
 3. megatron-core's TE extension defines MagicMock stand-ins without TE, which makes
-   `megatron.bridge.peft.utils.HAVE_TE` True and `isinstance(m, <MagicMock>)` raise: HAVE_TE is set
-   False, which is the truth.
+   `megatron.bridge.peft.utils.HAVE_TE` and `module_matcher.HAVE_TE_*_LINEAR` True and
+   `isinstance(m, <MagicMock>)` raise: they are set False, which is the truth.
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ def megatron():
     lora = importlib.import_module("megatron.bridge.peft.lora")
     lora_merge = importlib.import_module("megatron.bridge.peft.lora_merge")
     utils = importlib.import_module("megatron.bridge.peft.utils")
-    if not real_te:
-        utils.HAVE_TE = False                             # workaround 3
+    matcher = importlib.import_module("megatron.bridge.peft.module_matcher")
+    if not real_te:                                       # workaround 3
+        utils.HAVE_TE = False
+        matcher.HAVE_TE_COL_LINEAR = matcher.HAVE_TE_LN_COL_LINEAR = matcher.HAVE_TE_ROW_LINEAR = False
     import megatron.bridge as bridge_pkg
 
     _MEGATRON = types.SimpleNamespace(
