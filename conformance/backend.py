@@ -29,10 +29,13 @@ Conventions (those of Megatron, see SPEC.md):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from reference.lora.config import LoRAConfig
 
 CAPABILITIES = {
     "tp": "tensor parallelism (TP > 1) for column/row-parallel bases",
@@ -107,27 +110,20 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class RawLoRAConfig:
-    """LoRA's fields as given, not validated: what `validate_config` receives in the config
-    properties ([LORA-CFG-2], [LORA-CFG-3]), so that the backend's own validation is what is checked.
-    Elsewhere backends receive a (valid) reference.LoRA, which has the same attributes."""
+def _unvalidated(config_cls, name: str):
+    """A dataclass with config_cls's fields and defaults but none of its validation."""
+    fields = []
+    for f in dataclasses.fields(config_cls):
+        default = (field(default_factory=f.default_factory) if f.default is dataclasses.MISSING
+                   else field(default=f.default))
+        fields.append((f.name, object, default))
+    return dataclasses.make_dataclass(name, fields, namespace={"as_dict": lambda self: dict(vars(self))})
 
-    target_modules: object = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
-    exclude_modules: object = field(default_factory=list)
-    dim: object = 32
-    alpha: object = 32
-    dropout: object = 0.0
-    dropout_position: object = "pre"
-    a2a_experimental: object = False
-    lora_A_init_method: object = "xavier"
-    lora_B_init_method: object = "zero"
-    lora_dtype: object = None
-    normalize_moe_lora: object = False
-    share_expert_adapters: object = True
 
-    def as_dict(self) -> dict:
-        return dict(vars(self))
+# LoRA's fields as given, not validated: what `validate_config` receives in the config properties
+# ([LORA-CFG-2], [LORA-CFG-3]), so that the backend's own validation is what is checked. Elsewhere
+# backends receive a (valid) reference.LoRA, which has the same attributes.
+RawLoRAConfig = _unvalidated(LoRAConfig, "RawLoRAConfig")
 
 
 class Backend:

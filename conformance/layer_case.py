@@ -237,3 +237,12 @@ def fit_to_backend(ex: dict, backend) -> dict:
     if ex["a2a"] and "a2a" not in caps:
         ex = dict(ex, a2a=False)
     return ex
+
+
+def plain_example(**values) -> dict:
+    """A layer example without the layout options (no SP, a2a, gather, stride or skip_bias_add),
+    float32: the given values on top (for properties that pick their own sizes)."""
+    ex = {"sp": False, "a2a": False, "gather_output": False, "input_is_parallel": True, "stride": 1,
+          "skip_bias_add": False, "b": 1, "alpha": 1, "dtype": "float32"}
+    ex.update(values)
+    return ex

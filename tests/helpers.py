@@ -46,3 +46,30 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 def rank_seed(base: int) -> int:
     """A seed that differs per global rank."""
     return base * 1000 + dist.get_rank()
+
+
+_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce", "reduce_scatter",
+                "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all_single", "broadcast",
+                "all_gather_object")
+
+
+class NoCollectives:
+    """Within the block, any torch.distributed collective raises instead of communicating: an error
+    that must come before the first collective is checked by raising inside it."""
+
+    def __enter__(self):
+        self.saved = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
+
+        def trap(name):
+            def collective(*args, **kwargs):
+                raise AssertionError(f"dist.{name} was called before the error was raised")
+            return collective
+
+        for n in self.saved:
+            setattr(dist, n, trap(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, fn in self.saved.items():
+            setattr(dist, n, fn)
+        return False

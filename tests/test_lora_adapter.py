@@ -19,7 +19,7 @@ from reference.lora import build_adapter
 
 from .conftest import WORLD_SIZES
 from .distributed import run_distributed
-from .helpers import all_reduce_sum, assert_close, chunk, device, seeded
+from .helpers import NoCollectives, all_reduce_sum, assert_close, chunk, device, seeded
 
 S, BATCH, IN, OUT, DIM = 8, 2, 12, 16, 4
 ALPHA = 8.0
@@ -471,38 +471,13 @@ def test_full_weights_round_trip(world_size):
     run_distributed(check_full_weights_round_trip, world_size)
 
 
-_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor",
-                "all_to_all_single", "broadcast", "reduce_scatter")
-
-
-class _NoCollectives:
-    """Within the block, a torch.distributed collective raises instead of communicating."""
-
-    def __enter__(self):
-        self.saved = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
-
-        def trap(name):
-            def collective(*args, **kwargs):
-                raise AssertionError(f"dist.{name} was called before the error was raised")
-            return collective
-
-        for n in self.saved:
-            setattr(dist, n, trap(n))
-        return self
-
-    def __exit__(self, *exc):
-        for n, fn in self.saved.items():
-            setattr(dist, n, fn)
-        return False
-
-
 def check_bad_sizes_and_shapes():
     state = _tp()
     t = state.tp_size
     errors = {}
 
     def expect(key, match, fn):
-        with pytest.raises(ValueError, match=match) as info, _NoCollectives():
+        with pytest.raises(ValueError, match=match) as info, NoCollectives():
             fn()
         errors[key] = str(info.value)
 

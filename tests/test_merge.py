@@ -11,7 +11,7 @@ from reference import (ColumnParallelLinear, LoRA, LoRALinear, LoRAMerge, RowPar
 
 from .conftest import WORLD_SIZES
 from .distributed import run_distributed
-from .helpers import all_reduce_sum, assert_close, chunk, device, seeded
+from .helpers import NoCollectives, all_reduce_sum, assert_close, chunk, device, seeded
 
 IN, OUT, DIM, ALPHA = 12, 16, 4, 8.0
 
@@ -139,37 +139,12 @@ def test_lora_merge_shape_errors(world_size):
     assert all(m == messages[0] for m in messages)
 
 
-_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor",
-                "all_to_all_single", "broadcast", "all_gather_object", "reduce_scatter")
-
-
-class _NoCollectives:
-    """Within the block, any torch.distributed collective raises instead of communicating."""
-
-    def __enter__(self):
-        self.saved = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
-
-        def trap(name):
-            def collective(*args, **kwargs):
-                raise AssertionError(f"dist.{name} was called before the shape error was raised")
-            return collective
-
-        for n in self.saved:
-            setattr(dist, n, trap(n))
-        return self
-
-    def __exit__(self, *exc):
-        for n, fn in self.saved.items():
-            setattr(dist, n, fn)
-        return False
-
-
 def check_merge_errors_before_collectives():
     state = _tp()
     failures = []
     for name, call in _bad_merges(state.tp_size, state.tp_group):
         try:
-            with _NoCollectives():
+            with NoCollectives():
                 call()
         except ValueError:
             continue

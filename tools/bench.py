@@ -103,10 +103,8 @@ def make_base(kind, h, ffn, groups_tp, dtype, device):
     return RowParallelLinear(ffn, h, **common)
 
 
-def bench_reference(kind, h, ffn, r, t, args, device, dtype):
-    state = parallel.initialize_model_parallel(t)
-    base = make_base(kind, h, ffn, state.tp_group, dtype, device)
-    torch.nn.init.normal_(base.weight, std=0.02)
+def base_and_lora_times(base, apply_lora, kind, h, ffn, t, args, device, dtype):
+    """Median fwd+bwd seconds of the frozen base alone, then with LoRA applied by apply_lora(container)."""
     in_local = h if kind == "column" else ffn // t
     out_local = ffn // t if kind == "column" else h
     x = torch.randn(TOKENS, 1, in_local, device=device, dtype=dtype, requires_grad=True)
@@ -115,9 +113,20 @@ def bench_reference(kind, h, ffn, r, t, args, device, dtype):
     a = timer(fwd_bwd(base, x, grad), args.warmup, args.repeats)
     container = torch.nn.Module()
     container.linear_fc1 = base
-    reference.LoRA(target_modules=["linear_fc1"], dim=r, alpha=2 * r, lora_B_init_method="normal")(container)
+    apply_lora(container)
     b = timer(fwd_bwd(container.linear_fc1, x, grad), args.warmup, args.repeats)
     return a, b
+
+
+def lora_config(r: int):
+    return reference.LoRA(target_modules=["linear_fc1"], dim=r, alpha=2 * r, lora_B_init_method="normal")
+
+
+def bench_reference(kind, h, ffn, r, t, args, device, dtype):
+    state = parallel.initialize_model_parallel(t)
+    base = make_base(kind, h, ffn, state.tp_group, dtype, device)
+    torch.nn.init.normal_(base.weight, std=0.02)
+    return base_and_lora_times(base, lora_config(r), kind, h, ffn, t, args, device, dtype)
 
 
 def bench_megatron_bridge(kind, h, ffn, r, t, args, device, dtype):
@@ -130,18 +139,8 @@ def bench_megatron_bridge(kind, h, ffn, r, t, args, device, dtype):
     spec = LinearSpec(kind=kind, in_features=in_f, out_features=out_f,
                       weight=torch.zeros(out_f, in_f, dtype=dtype), dtype=dtype, groups=groups)
     base = backend.make_linear(spec)
-    in_local = h if kind == "column" else ffn // t
-    out_local = ffn // t if kind == "column" else h
-    x = torch.randn(TOKENS, 1, in_local, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(TOKENS, 1, out_local, device=device, dtype=dtype)
-    base.weight.requires_grad_(False)
-    a = timer(fwd_bwd(base, x, grad), args.warmup, args.repeats)
-    container = torch.nn.Module()
-    container.linear_fc1 = base
-    backend.apply_lora(container, reference.LoRA(target_modules=["linear_fc1"], dim=r, alpha=2 * r,
-                                                 lora_B_init_method="normal"))
-    b = timer(fwd_bwd(container.linear_fc1, x, grad), args.warmup, args.repeats)
-    return a, b
+    return base_and_lora_times(base, lambda box: backend.apply_lora(box, lora_config(r)),
+                               kind, h, ffn, t, args, device, dtype)
 
 
 def bench_peft(kind, h, ffn, r, args, device, dtype):
@@ -171,7 +170,7 @@ def profile_step(kind, h, ffn, r, t, device, dtype, lora: bool) -> str:
     if lora:
         box = torch.nn.Module()
         box.linear_fc1 = base
-        reference.LoRA(target_modules=["linear_fc1"], dim=r, alpha=2 * r, lora_B_init_method="normal")(box)
+        lora_config(r)(box)
         layer = box.linear_fc1
     in_local = h if kind == "column" else ffn // t
     out_local = ffn // t if kind == "column" else h

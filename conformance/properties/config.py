@@ -6,7 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 from ..context import DTYPES, check_group_in_step, raises_everywhere
-from ..layer_case import NAMES, build_base, lora_config
+from ..layer_case import NAMES, build_base, lora_config, plain_example
 from ..backend import RawLoRAConfig
 from ..registry import prop
 
@@ -151,10 +151,9 @@ def _error_examples(draw, ctx):
     t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
     case = draw(st.sampled_from(["column_dim", "row_out", "config"]))
     kind = "row" if case == "row_out" else "column"
-    ex = {"kind": kind, "tp": t, "sp": False, "a2a": False, "gather_output": False, "input_is_parallel": True,
-          "stride": 1, "bias": draw(st.booleans()), "skip_bias_add": False, "s": t, "b": 1,
-          "in": t * draw(st.integers(1, 3)), "out": t * draw(st.integers(1, 3)), "dim": t * draw(st.integers(1, 3)),
-          "alpha": 8, "dtype": "float32", "seed": draw(st.integers(0, 2**16)), "case": case}
+    ex = plain_example(kind=kind, tp=t, bias=draw(st.booleans()), s=t, alpha=8, seed=draw(st.integers(0, 2**16)),
+                       case=case, dim=t * draw(st.integers(1, 3)),
+                       **{"in": t * draw(st.integers(1, 3)), "out": t * draw(st.integers(1, 3))})
     if case == "column_dim":
         ex["dim"] += draw(st.integers(1, t - 1))
     if case == "row_out":

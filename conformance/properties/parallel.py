@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ..backend import ModelSpec
 from ..context import check_group_in_step, divisors, raises_everywhere
-from ..layer_case import build, build_base, input_layout, layer_examples, local_piece, output_layout, run
+from ..layer_case import build, build_base, input_layout, layer_examples, local_piece, output_layout, plain_example, run
 from ..registry import prop
 
 
@@ -177,10 +177,9 @@ def bad_parallel_sizes_raise(ctx, backend, tp):
 def _bad_layer_examples(draw, ctx):
     t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
     case = draw(st.sampled_from(["column_out", "row_in", "column_input_shape", "row_input_shape"]))
-    ex = {"kind": case.split("_")[0], "tp": t, "sp": False, "a2a": False, "gather_output": False,
-          "input_is_parallel": True, "stride": 1, "bias": draw(st.booleans()), "skip_bias_add": False,
-          "s": t, "b": 1, "in": t * draw(st.integers(1, 3)), "out": t * draw(st.integers(1, 3)),
-          "dim": t, "alpha": 1, "dtype": "float32", "seed": draw(st.integers(0, 2**16)), "case": case}
+    ex = plain_example(kind=case.split("_")[0], tp=t, bias=draw(st.booleans()), s=t, dim=t,
+                       seed=draw(st.integers(0, 2**16)), case=case,
+                       **{"in": t * draw(st.integers(1, 3)), "out": t * draw(st.integers(1, 3))})
     if case == "column_out":
         ex["out"] += draw(st.integers(1, t - 1))
     if case == "row_in":
