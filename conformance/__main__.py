@@ -251,7 +251,15 @@ def main(argv=None) -> int:
         if rank == 0:
             line = f"[{index:>3}/{len(selected)}] {prop.id:<55} {outcome.status:<15} {outcome.examples:>4} ex {outcome.seconds:6.2f}s"
             print(("\r" if progress.enabled else "") + line, flush=True)
+            if outcome.status == XFAIL and outcome.message:
+                # The failure a deviation stands for, as it happened: a run cut short still shows it.
+                print(f"      failed as declared: {_one_line(outcome.message)}", flush=True)
+            if args.report_json:
+                # Written after every property, so a run stopped by the watchdog leaves what it measured.
+                header["complete"], header["elapsed_s"] = False, round(time.monotonic() - started, 2)
+                report.write_json(args.report_json, outcomes, header, warnings)
     header["elapsed_s"] = round(time.monotonic() - started, 2)
+    header["complete"] = True
 
     if rank == 0:
         print(report.summary_text(outcomes, header))
@@ -269,6 +277,11 @@ def main(argv=None) -> int:
     if failed and world > 1:
         time.sleep(1.0)   # let the other ranks exit first, so torchrun need not terminate them
     return 1 if failed else 0
+
+
+def _one_line(message: str, limit: int = 240) -> str:
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _timedelta(seconds: float):

@@ -76,8 +76,13 @@ class Context:
 
     # -- comparisons ------------------------------------------------------------------------------
     @staticmethod
-    def assert_close(actual, expected: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0):
-        """Compare with the tolerance of `dtype`; the message says what was compared."""
+    def assert_close(actual, expected: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0,
+                     terms: float | None = None):
+        """Compare with the tolerance of `dtype`; the message says what was compared.
+
+        `terms`: the size of what was summed to get `expected` (the same math on absolute values).
+        A reduced-precision result is judged relative to it: a sum of large terms that cancel, or a
+        TP sum of partials rounded to the dtype, carries the terms' rounding error, not the result's."""
         if not isinstance(actual, torch.Tensor):
             raise AssertionError(f"{what}: expected a tensor, got {type(actual).__name__}")
         if tuple(actual.shape) != tuple(expected.shape):
@@ -88,8 +93,9 @@ class Context:
             raise AssertionError(f"{what}: {bad} non-finite values (NaN/inf)")
         rtol, atol = TOLERANCES[dtype]
         # Reduced-precision results are judged relative to the size of the values involved.
+        reduced = dtype in (torch.bfloat16, torch.float16)
         magnitude = expected.abs().max().item() if expected.numel() else 0.0
-        atol = atol * scale * max(1.0, magnitude if dtype in (torch.bfloat16, torch.float16) else 1.0)
+        atol = atol * max(scale * max(1.0, magnitude if reduced else 1.0), (terms or 0.0) if reduced else 0.0)
         try:
             torch.testing.assert_close(actual64, expected.to(torch.float64), rtol=rtol * scale, atol=atol)
         except AssertionError as e:

@@ -203,6 +203,33 @@ class RowNoSequenceScatterBackend(_Mutant):
         return model
 
 
+def _row_forward_first_slice_of_full_input(self, x, A, B, caller_communicates=False):
+    group = self.tp_group
+    if not self.input_is_parallel and not caller_communicates:
+        x = x[..., : x.shape[-1] // self.tp_size]        # BUG: rank 0's slice on every rank, not this rank's
+    h = reduce_from_tensor_parallel_region(self._down(x, A), group)
+    h = copy_to_tensor_parallel_region(h, group)
+    y = F.linear(h, B)
+    if caller_communicates:
+        return y
+    return gather_from_tensor_parallel_region(y, group)   # (SP needs input_is_parallel: never here)
+
+
+class RowFullInputWrongSliceBackend(_Mutant):
+    """A row base given the full input (input_is_parallel=False): the adapter reads the first in/t
+    features on every rank instead of this rank's slice (the adapters do their own collectives)."""
+
+    expected_clause = "LORA-FWD-8"
+    select = "LORA-FWD-8"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        _own_communication(model, ("row",))
+        for adapter in _adapters(model, kinds=("row",), include_experts=False):
+            adapter._row_forward = types.MethodType(_row_forward_first_slice_of_full_input, adapter)
+        return model
+
+
 class OwnActivationCollectivesBackend(_Mutant):
     """LoRA wrappers do not share the base's collectives: the adapter adds its own activation-sized ones."""
 

@@ -133,6 +133,7 @@ def _assert_reference_passes(run: Run) -> None:
     bad = {c: clauses[c]["status"] for c in SPEC_CLAUSES if clauses[c]["status"] not in OK_CLAUSE_STATUSES}
     assert not bad, f"clauses neither passed nor not applicable: {bad}"
     assert any(p["status"] == "passed" for p in run.report["properties"])
+    assert run.report["header"]["complete"] is True
 
 
 def test_spec_clauses_are_parsed():
@@ -251,11 +252,17 @@ def test_hanging_collective_fails_the_property_and_the_run_goes_on():
 
 
 def test_dying_rank_ends_the_run():
-    run = conformance("-k", "forward.linear_forward_matches_full_math", "--timeout", "10",
-                      backend=_mutant_spec(mutant_backends.DyingRankBackend), timeout=120)
+    """A rank that dies ends the run; what ran before it stays in the JSON report (written after every
+    property, marked incomplete)."""
+    run = conformance("-k", "config_has_the_spec_fields_and_defaults or forward.linear_forward_matches_full_math",
+                      "--timeout", "10", backend=_mutant_spec(mutant_backends.DyingRankBackend), timeout=120)
     assert run.rc != 0, run.explain()
     assert run.seconds < 90, run.explain()
     assert re.search(r"exitcode\s*:\s*5\b", run.output), run.explain()     # torchrun names the dead rank
+    assert run.report is not None, f"no partial report\n{run.explain()}"
+    assert run.report["header"]["complete"] is False, run.report["header"]
+    assert [p["id"] for p in run.report["properties"]] == ["config.config_has_the_spec_fields_and_defaults"]
+    assert run.report["properties"][0]["status"] == "passed"
 
 
 # ---- deviations ----------------------------------------------------------------------------------------

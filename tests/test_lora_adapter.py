@@ -193,8 +193,8 @@ def check_linear_cases():
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_column_base_forward_backward(world_size):
-    """[LORA-FWD-1] [LORA-FWD-2] [LORA-FWD-3] [LORA-BWD-1] [LORA-BWD-2] [LORA-BWD-3] a column base
-    (SP on/off, gather_output on/off, stride 2, skip_bias_add): output = x W^T + b + (alpha/d) B A x in
+    """[LORA-FWD-1] [LORA-FWD-2] [LORA-FWD-3] [LORA-FWD-8] [LORA-BWD-1] [LORA-BWD-2] [LORA-BWD-3] a
+    column base (SP on/off, gather_output on/off, stride 2, skip_bias_add): output = x W^T + b + (alpha/d) B A x in
     the base's layout, the bias passed through, dA / dB / dx equal the full-math gradients' shards,
     and the frozen base weight and bias get no gradient."""
     run_distributed(check_column_cases, world_size)
@@ -202,8 +202,8 @@ def test_column_base_forward_backward(world_size):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_row_base_forward_backward(world_size):
-    """[LORA-FWD-1] [LORA-FWD-2] [LORA-FWD-3] [LORA-BWD-1] [LORA-BWD-2] [LORA-BWD-3] a row base (SP
-    on/off, input_is_parallel on/off, skip_bias_add, a2a): the same against full math."""
+    """[LORA-FWD-1] [LORA-FWD-2] [LORA-FWD-3] [LORA-FWD-8] [LORA-BWD-1] [LORA-BWD-2] [LORA-BWD-3] a row
+    base (SP on/off, input_is_parallel on/off, skip_bias_add, a2a): the same against full math."""
     run_distributed(check_row_cases, world_size)
 
 
@@ -584,7 +584,9 @@ def _lora_gpt_logits_and_grads(tp, sp, gated):
     config = TinyGPTConfig(sequence_parallel=sp, gated_linear_unit=gated)
     model = TinyGPT(config, seed=7)
     torch.manual_seed(99)
-    LoRA(dim=8, alpha=16, lora_B_init_method="normal")(model)
+    # output_layer gathers its output ([LORA-FWD-8]): adapted too, so the model covers every layout
+    LoRA(target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"], dim=8, alpha=16,
+         lora_B_init_method="normal")(model)
     ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3)).to(device())
     logits = model(ids)
     logits.sum().backward()
@@ -616,7 +618,7 @@ def check_tinygpt_lora_tp_invariance():
         ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3)).to(device())
         with torch.no_grad():
             assert (TinyGPT(config, seed=7)(ids) - ref_logits).abs().max() > 1e-3
-        assert len(ref_grads) == 8 and all(gA.abs().max() > 0 and gB.abs().max() > 0 for gA, gB in ref_grads.values())
+        assert len(ref_grads) == 9 and all(gA.abs().max() > 0 and gB.abs().max() > 0 for gA, gB in ref_grads.values())
         for sp in (False, True):
             logits, grads = _lora_gpt_logits_and_grads(world, sp, gated)
             tag = f"tp={world} sp={sp} gated={gated}"
@@ -631,7 +633,7 @@ def check_tinygpt_lora_tp_invariance():
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tinygpt_lora_is_tp_invariant(world_size):
-    """[LORA-INJ-5] [LORA-BWD-1] [LORA-BWD-3] TinyGPT + LoRA (B normal) with the same seeds gives the
-    same logits and the same gathered adapter gradients at TP 1 and TP=world, SP on/off, gated or not;
+    """[LORA-INJ-5] [LORA-FWD-8] [LORA-BWD-1] [LORA-BWD-3] TinyGPT + LoRA (B normal, output_layer
+    included) with the same seeds gives the same logits and the same gathered adapter gradients at TP 1 and TP=world, SP on/off, gated or not;
     only adapter parameters get gradients."""
     run_distributed(check_tinygpt_lora_tp_invariance, world_size)

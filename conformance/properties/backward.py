@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layer_case import (adapter_shard_specs, build, expected, fit_to_backend, input_layout, layer_examples,
-                          local_piece, run)
+                          local_piece, run, term_sizes)
 from ..registry import prop
 
 
@@ -12,19 +12,19 @@ def _check_backward(ctx, backend, ex):
     X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
     G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
     _, _, x = run(ctx, built, X, G)
-    want = expected(built, X, G)
+    want, terms = expected(built, X, G), term_sizes(built, X, G)
     A, B = backend.adapter_weights(built.wrapped)
     (A_dim, A_stride), (B_dim, B_stride) = adapter_shard_specs(ex, built.groups)
     where = f"{ex['kind']} base, tp={ex['tp']}, sp={ex['sp']}"
     ctx.check(A.grad is not None and B.grad is not None, f"adapter A or B got no gradient ({where})")
     ctx.assert_close(A.grad, local_piece(ctx, want["dA"], A_dim, built.groups, A_stride), built.dtype,
-                     f"gradient of A ({where})", scale=4)
+                     f"gradient of A ({where})", scale=4, terms=terms["dA"])
     ctx.assert_close(B.grad, local_piece(ctx, want["dB"], B_dim, built.groups, B_stride), built.dtype,
-                     f"gradient of B ({where})", scale=4)
+                     f"gradient of B ({where})", scale=4, terms=terms["dB"])
     in_dim, in_stride = input_layout(ex)
     ctx.check(x.grad is not None, f"the input got no gradient ({where})")
     ctx.assert_close(x.grad, local_piece(ctx, want["dX"], in_dim, built.groups, in_stride), built.dtype,
-                     f"gradient of the input ({where})", scale=4)
+                     f"gradient of the input ({where})", scale=4, terms=terms["dX"])
     return built
 
 
@@ -42,6 +42,14 @@ def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
     """The same under sequence parallelism (and a2a when drawn, if the backend has it)."""
     if ex["a2a"] and "a2a" not in backend.capabilities:
         ex = dict(ex, a2a=False)
+    _check_backward(ctx, backend, ex)
+
+
+@prop("LORA-FWD-8", needs={"tp"}, min_world=2,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,), unsharded_io=(True,),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def gathered_output_or_full_input_gradients_match_full_math(ctx, backend, ex):
+    """gather_output columns and full-input rows: dA, dB, and dx in the input's layout."""
     _check_backward(ctx, backend, ex)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..layer_case import build, expected, fit_to_backend, layer_examples, local_piece, output_layout, run
+from ..layer_case import (build, expected, fit_to_backend, layer_examples, local_piece, output_layout, run,
+                          term_sizes)
 from ..registry import prop
 
 
@@ -14,10 +15,10 @@ def _check_forward(ctx, backend, ex, what):
     X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
     G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
     y, returned_bias, _ = run(ctx, built, X, G)
-    want = expected(built, X, G)
+    want, terms = expected(built, X, G), term_sizes(built, X, G)
     dim, stride = output_layout(ex)
     ctx.assert_close(y, local_piece(ctx, want["Y"], dim, built.groups, stride), built.dtype,
-                     f"{what}: output of the LoRA-wrapped {ex['kind']} layer")
+                     f"{what}: output of the LoRA-wrapped {ex['kind']} layer", terms=terms["Y"])
     if ex["skip_bias_add"]:
         ctx.check(returned_bias is not None, "skip_bias_add: the wrapper must return the base's bias, got None")
         bias_dim = 0 if ex["kind"] == "column" else None
@@ -31,6 +32,15 @@ def _check_forward(ctx, backend, ex, what):
 def parallel_forward_matches_full_math(ctx, backend, ex):
     """Column and row bases without SP: base + (alpha/r) B A x, sharded as SPEC says."""
     _check_forward(ctx, backend, ex, "forward")
+
+
+@prop("LORA-FWD-8", needs={"tp"}, min_world=2,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,), unsharded_io=(True,),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def gathered_output_or_full_input_matches_full_math(ctx, backend, ex):
+    """A column base with gather_output returns the full (s, b, out); a row base with
+    input_is_parallel=False takes the full (s, b, in). The adapter follows: the same full-matrix math."""
+    _check_forward(ctx, backend, ex, "forward with gather_output / the full input")
 
 
 @prop("LORA-FWD-1", needs={"linear"}, strategy=lambda ctx: layer_examples(ctx, kinds=("linear",)))

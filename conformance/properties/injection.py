@@ -36,10 +36,10 @@ def _spec(ctx, ex, sp: bool) -> ModelSpec:
 
 
 @st.composite
-def model_examples(draw, ctx, tp=None):
+def model_examples(draw, ctx, tp=None, targets=None):
     t = draw(st.sampled_from(list(tp or ctx.tp_sizes)))
     return {"tp": t, "sp": draw(st.booleans()) if t > 1 else False, "num_layers": draw(st.integers(1, 2)),
-            "gated": draw(st.booleans()), "targets": draw(st.sampled_from(range(len(TARGET_SETS)))),
+            "gated": draw(st.booleans()), "targets": draw(st.sampled_from(targets or range(len(TARGET_SETS)))),
             "dim": t * draw(st.integers(1, 2)), "alpha": draw(st.sampled_from([0.5, 1, 4])),
             "seed": draw(st.integers(0, 2**16))}
 
@@ -192,8 +192,13 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
                   f"{where}: a second apply replaced the {'wrapper' if selected else 'module'}")
 
 
+# TinyGPT's output_layer gathers its output ([LORA-FWD-8], checked layer by layer): the TP-invariance
+# of the adapted model is measured on the other target sets, so that it is measured for every backend.
+SHARDED_IO_TARGETS = [i for i, targets in enumerate(TARGET_SETS) if "output_layer" not in targets]
+
+
 @prop("LORA-INJ-5", "LORA-FWD-2", needs={"relayout", "models", "tp"}, weight=0.5, min_world=2,
-      strategy=lambda ctx: model_examples(ctx, tp=[t for t in ctx.tp_sizes if t > 1]))
+      strategy=lambda ctx: model_examples(ctx, tp=[t for t in ctx.tp_sizes if t > 1], targets=SHARDED_IO_TARGETS))
 def adapted_model_is_tp_invariant(ctx, backend, ex):
     """TinyGPT + LoRA with the same full weights at TP 1 and TP t (SP on or off): the same logits and
     the same gathered adapter gradients."""

@@ -84,14 +84,16 @@ def _check_base(ctx, backend, ex):
 
 
 @prop("TP-COL-1", "TP-COL-2", "TP-COLL-1", needs={"tp"},
-      strategy=lambda ctx: layer_examples(ctx, kinds=("column",), sp=(False,), a2a=(False,)))
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column",), sp=(False,), a2a=(False,),
+                                          unsharded_io=(False, True)))
 def column_base_matches_full_math(ctx, backend, ex):
     """The bare column-parallel layer: output shard y_r = x W_r^T + b_r, dx = G W, dW_r, db_r."""
     _check_base(ctx, backend, ex)
 
 
 @prop("TP-ROW-1", "TP-ROW-2", "TP-COLL-1", needs={"tp"},
-      strategy=lambda ctx: layer_examples(ctx, kinds=("row",), sp=(False,), a2a=(False,)))
+      strategy=lambda ctx: layer_examples(ctx, kinds=("row",), sp=(False,), a2a=(False,),
+                                          unsharded_io=(False, True)))
 def row_base_matches_full_math(ctx, backend, ex):
     """The bare row-parallel layer: the reduced output, bias added once, dx_r = G W_r, dW_r, db."""
     _check_base(ctx, backend, ex)
