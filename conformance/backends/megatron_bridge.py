@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import re
 import sys
 import types
 
@@ -77,6 +79,7 @@ def megatron():
         for name in stubbed:
             sys.modules.pop(name, None)
     lora = importlib.import_module("megatron.bridge.peft.lora")
+    logging.getLogger("megatron.bridge").setLevel(logging.WARNING)   # one INFO line per adapted module
     lora_merge = importlib.import_module("megatron.bridge.peft.lora_merge")
     utils = importlib.import_module("megatron.bridge.peft.utils")
     matcher = importlib.import_module("megatron.bridge.peft.module_matcher")
@@ -104,6 +107,12 @@ def _dist_version(name: str) -> str:
         return "?"
 
 
+def _parallel_state_globals(state) -> dict:
+    """megatron-core's parallel_state keeps its layout in module globals named like _TENSOR_MODEL_PARALLEL_GROUP."""
+    return {name: value for name, value in vars(state).items()
+            if re.fullmatch(r"_[A-Z][A-Z0-9_]*", name) and not callable(value)}
+
+
 def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
     from reference.parallel import shard
 
@@ -113,10 +122,11 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) 
 class MegatronBridgeBackend(Backend):
     name = "megatron-bridge"
     capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
-                              "merge", "models", "relayout"})
+                              "merge", "models", "relayout", "config_validation"})
 
     def __init__(self):
         self._layout = None
+        self._saved_layouts = {}    # (tp, ep, etp) -> megatron-core's parallel_state globals for it
 
     def describe(self) -> str:
         m = megatron()
@@ -125,26 +135,35 @@ class MegatronBridgeBackend(Backend):
 
     # -- parallel state -------------------------------------------------------------------------
     def init_parallel(self, tp, ep=1, etp=None) -> Groups:
+        """megatron-core keeps one layout in module globals. Each layout is initialized once, on every
+        rank (it creates process groups collectively), and its globals are saved; switching back
+        restores them. Re-initializing instead would create a new set of NCCL communicators at every
+        switch, and the properties that compare TP sizes switch twice per example."""
         m = megatron()
         layout = (tp, ep, etp)
         if self._layout != layout:
-            # Always destroy first: a half-finished initialization also leaves globals set.
-            m.parallel_state.destroy_model_parallel()
-            m.parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                                       expert_tensor_parallel_size=etp,
-                                                       create_gloo_process_groups=False)
+            state = m.parallel_state
+            if layout in self._saved_layouts:
+                vars(state).update(self._saved_layouts[layout])
+            else:
+                # A failed initialization (bad sizes) leaves the globals cleared: no layout is current.
+                self._layout = None
+                state.destroy_model_parallel()   # also clears what a half-finished initialization left
+                state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                                expert_tensor_parallel_size=etp, create_gloo_process_groups=False)
+                self._saved_layouts[layout] = _parallel_state_globals(state)
             m.tensor_parallel.model_parallel_cuda_manual_seed(1234)
             self._layout = layout
         group = m.parallel_state.get_tensor_model_parallel_group()
         return Groups(group, dist.get_world_size(group), dist.get_rank(group))
 
     def reset_parallel(self) -> None:
+        """After a timed-out collective the saved groups may be broken: forget them all."""
         self._layout = None
+        self._saved_layouts.clear()
 
     def tp_sizes(self, world_size: int) -> list[int]:
-        # megatron-core keeps one global layout, and each re-initialization creates new NCCL
-        # communicators (dozens exhaust the GPU): layer properties run at TP = world only.
-        return [world_size]
+        return [t for t in range(1, world_size + 1) if world_size % t == 0]
 
     def _config(self, tp: int, sequence_parallel: bool, dtype: torch.dtype):
         m = megatron()
@@ -211,14 +230,24 @@ class MegatronBridgeBackend(Backend):
         return model
 
     # -- LoRA -----------------------------------------------------------------------------------
-    def apply_lora(self, model, config, training=True):
+    def validate_config(self, config):
+        """Megatron-Bridge's own LoRA, built from our fields as they are (bad values included): what
+        its constructor checks is what LORA-CFG-2/3 measure."""
         m = megatron()
-        lora = m.LoRA(target_modules=list(config.target_modules), exclude_modules=list(config.exclude_modules),
+
+        def as_given(patterns):   # lists stay lists; a bad value (a str, say) is passed as it is
+            return list(patterns) if isinstance(patterns, (list, tuple)) else patterns
+
+        return m.LoRA(target_modules=as_given(config.target_modules), exclude_modules=as_given(config.exclude_modules),
                       dim=config.dim, alpha=config.alpha, dropout=config.dropout,
                       dropout_position=config.dropout_position, lora_A_init_method=config.lora_A_init_method,
                       lora_B_init_method=config.lora_B_init_method, a2a_experimental=config.a2a_experimental,
                       lora_dtype=config.lora_dtype, normalize_moe_lora=config.normalize_moe_lora,
                       share_expert_adapters=config.share_expert_adapters)
+
+    def apply_lora(self, model, config, training=True):
+        m = megatron()
+        lora = config if isinstance(config, m.LoRA) else self.validate_config(config)
         return lora(model, training=training)
 
     def lora_modules(self, model):
