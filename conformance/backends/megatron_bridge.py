@@ -4,8 +4,9 @@
         --deviations conformance/deviations/megatron_bridge.txt
 
 Needs an installed `megatron-core` and `megatron-bridge` (Python >= 3.12) and CUDA. Megatron-Bridge's
-own LoRA code runs unchanged; this file only builds base layers, maps our config onto its `LoRA`,
-and reads its adapter parameters.
+own LoRA code runs unchanged; this file only builds base layers (and the reference's TinyGPT/TinyVLM
+with megatron-core linears), maps our config onto its `LoRA` / `VLMLoRA`, and reads its adapter
+parameters. `tools/run_megatron_bridge.sh` runs it the way docs/reports/megatron_bridge_world2.* were made.
 
 Importing `megatron.bridge.peft.lora` without Transformer Engine needs three documented workarounds,
 applied only when `transformer_engine` cannot be imported (a real TE is never masked):
@@ -91,6 +92,7 @@ def megatron():
     _MEGATRON = types.SimpleNamespace(
         ModelParallelConfig=ModelParallelConfig, parallel_state=parallel_state, tensor_parallel=tensor_parallel,
         ColumnParallelLinear=ColumnParallelLinear, RowParallelLinear=RowParallelLinear, LoRA=lora.LoRA,
+        VLMLoRA=lora.VLMLoRA,
         LoRALinear=lora_layers.LoRALinear, LinearAdapter=lora_layers.LinearAdapter,
         LoRAMerge=lora_merge.LoRAMerge, shimmed=not real_te,
         version=getattr(bridge_pkg, "__version__", None) or _dist_version("megatron-bridge"),
@@ -122,7 +124,7 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) 
 class MegatronBridgeBackend(Backend):
     name = "megatron-bridge"
     capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
-                              "merge", "models", "relayout", "config_validation"})
+                              "merge", "models", "relayout", "config_validation", "vlm"})
 
     def __init__(self):
         self._layout = None
@@ -204,8 +206,9 @@ class MegatronBridgeBackend(Backend):
         return layer
 
     def make_model(self, spec: ModelSpec):
-        """The reference TinyGPT's network with every parallel linear replaced by megatron-core's, same weights."""
-        if spec.kind != "gpt":
+        """The reference's TinyGPT (or TinyVLM) network with every parallel linear replaced by
+        megatron-core's, carrying the same full weights."""
+        if spec.kind not in ("gpt", "vlm"):
             raise NotImplementedError(f"no {spec.kind} model for Megatron-Bridge here")
         import reference
         from reference.layers import ColumnParallelLinear, RowParallelLinear
@@ -215,7 +218,10 @@ class MegatronBridgeBackend(Backend):
                                          num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
                                          ffn_hidden_size=spec.ffn_hidden_size, sequence_parallel=spec.sequence_parallel,
                                          gated_linear_unit=spec.gated_linear_unit, params_dtype=spec.dtype)
-        model = reference.TinyGPT(config, seed=spec.seed, tp_group=groups.tp_group)
+        if spec.kind == "vlm":
+            model = reference.TinyVLM(config, seed=spec.seed, tp_group=groups.tp_group)
+        else:
+            model = reference.TinyGPT(config, seed=spec.seed, tp_group=groups.tp_group)
         for name, module in list(model.named_modules()):
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 weight, bias = module.full_weight()
@@ -224,30 +230,40 @@ class MegatronBridgeBackend(Backend):
                     kind=kind, in_features=module.input_size, out_features=module.output_size, weight=weight,
                     bias=bias, sequence_parallel=module.sequence_parallel, skip_bias_add=module.skip_bias_add,
                     gather_output=getattr(module, "gather_output", False), stride=getattr(module, "stride", 1),
-                    dtype=spec.dtype, groups=groups))
+                    input_is_parallel=getattr(module, "input_is_parallel", True), dtype=spec.dtype, groups=groups))
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         return model
 
     # -- LoRA -----------------------------------------------------------------------------------
     def validate_config(self, config):
-        """Megatron-Bridge's own LoRA, built from our fields as they are (bad values included): what
-        its constructor checks is what LORA-CFG-2/3 measure."""
+        """Megatron-Bridge's own LoRA (VLMLoRA when the config has freeze flags), built from our fields as
+        they are (bad values included): what its constructor checks is what LORA-CFG-2/3 measure."""
         m = megatron()
 
         def as_given(patterns):   # lists stay lists; a bad value (a str, say) is passed as it is
             return list(patterns) if isinstance(patterns, (list, tuple)) else patterns
 
-        return m.LoRA(target_modules=as_given(config.target_modules), exclude_modules=as_given(config.exclude_modules),
+        fields = dict(target_modules=as_given(config.target_modules), exclude_modules=as_given(config.exclude_modules),
                       dim=config.dim, alpha=config.alpha, dropout=config.dropout,
                       dropout_position=config.dropout_position, lora_A_init_method=config.lora_A_init_method,
                       lora_B_init_method=config.lora_B_init_method, a2a_experimental=config.a2a_experimental,
                       lora_dtype=config.lora_dtype, normalize_moe_lora=config.normalize_moe_lora,
                       share_expert_adapters=config.share_expert_adapters)
+        if hasattr(config, "freeze_vision_model"):
+            return m.VLMLoRA(**fields, freeze_vision_model=config.freeze_vision_model,
+                             freeze_vision_projection=config.freeze_vision_projection,
+                             freeze_language_model=config.freeze_language_model)
+        return m.LoRA(**fields)
 
     def apply_lora(self, model, config, training=True):
         m = megatron()
         lora = config if isinstance(config, m.LoRA) else self.validate_config(config)
+        if isinstance(lora, m.VLMLoRA) and not isinstance(model, list):
+            # VLMLoRA.freeze_model indexes its argument (unwrap_model(model)[0]): Megatron-Bridge passes
+            # the list of pipeline chunks, so a bare model goes in as a list of one (docs/backends.md).
+            lora([model], training=training)
+            return model
         return lora(model, training=training)
 
     def lora_modules(self, model):
