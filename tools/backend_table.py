@@ -1,11 +1,12 @@
 """Markdown tables for docs/backends.md, from conformance JSON reports (nothing typed by hand).
 
     python tools/backend_table.py clauses "reference (gloo)=docs/reports/reference_gloo_world2.json" ...
-    python tools/backend_table.py deviations docs/reports/megatron_bridge_world2.json
+    python tools/backend_table.py deviations docs/reports/megatron_bridge_world2.json \
+        conformance/deviations/megatron_bridge.txt
 
 `clauses`: one row per SPEC clause, one column per report: passed / deviates (declared) / failed /
 not applicable / not run. `deviations`: every property a report marks xfailed, with its clauses, the
-declared reason and the failure the run measured (first line).
+reason the deviations file declares for it today and the failure the run measured (first line).
 """
 
 from __future__ import annotations
@@ -42,11 +43,18 @@ def _first_failure_line(message: str) -> str:
     return ""
 
 
-def deviation_table(report: dict) -> str:
+def deviation_table(report: dict, deviations_path: str) -> str:
+    sys.path.insert(0, str(ROOT))
+    from conformance import deviations
+    from conformance.registry import load_all
+
+    entries = deviations.load(deviations_path)
+    props = {p.id: p for p in load_all()}
     lines = ["| property | clauses | declared reason | measured failure |", "|---|---|---|---|"]
     for p in report["properties"]:
         if p["status"] == "xfailed":
-            reason = (p.get("reason") or "").replace("|", "\\|")
+            entry = deviations.find(entries, props[p["id"]]) if p["id"] in props else None
+            reason = (entry.reason if entry else "(no entry today)").replace("|", "\\|")
             lines.append(f"| `{p['id']}` | {', '.join(p['clauses'])} | {reason} | {_first_failure_line(p['message'])} |")
     return "\n".join(lines)
 
@@ -56,7 +64,10 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     if argv[0] == "deviations":
-        print(deviation_table(json.loads(Path(argv[1]).read_text())))
+        if len(argv) != 3:
+            print(__doc__, file=sys.stderr)
+            return 2
+        print(deviation_table(json.loads(Path(argv[1]).read_text()), argv[2]))
         return 0
     columns = []
     for item in argv[1:]:
