@@ -163,7 +163,7 @@ def main(argv=None) -> int:
 
     from . import deviations as deviations_mod
     from . import report
-    from .context import DTYPES, Context
+    from .context import Context
     from .registry import load_all
     from .runner import FAIL, NA, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, run_property
 

@@ -246,6 +246,15 @@ def load_model_adapters(ctx, backend, model, plan_by_name: dict, seed: int) -> N
             B.copy_(B_local.to(B.dtype))
 
 
+def adapter_parameter_names(backend, model) -> dict[int, str]:
+    """id(parameter) -> 'module name.A|B' for every adapter parameter the backend reports."""
+    names = {}
+    for name, module in backend.lora_modules(model).items():
+        A, B = backend.adapter_weights(module)
+        names[id(A)], names[id(B)] = f"{name}.A", f"{name}.B"
+    return names
+
+
 def token_ids(ctx, spec: ModelSpec, batch: int, seq: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, spec.vocab_size, (batch, seq), generator=generator).to(ctx.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from reference.parallel import default_device
+from reference.parallel import default_device, initialize_model_parallel
 
 # Tolerances by dtype, as torch.testing.assert_close uses them (rtol, atol).
 TOLERANCES = {
@@ -18,6 +18,11 @@ TOLERANCES = {
 
 def device() -> torch.device:
     return default_device()
+
+
+def init_tp(tp: int | None = None):
+    """TP groups of size tp (default: the whole world); returns the ParallelState."""
+    return initialize_model_parallel(tensor_model_parallel_size=tp or dist.get_world_size())
 
 
 def seeded(shape, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -35,6 +40,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, scale
 
 def chunk(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return x.chunk(size, dim=dim)[rank]
+
+
+def strided_chunk(x: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
+    """Rank `rank`'s part of a [part_0; ...; part_{stride-1}] tensor along `dim` (see
+    reference.parallel.sharding)."""
+    return torch.cat([chunk(part, dim, rank, size) for part in x.chunk(stride, dim=dim)], dim=dim)
+
+
+def gather_full(local: torch.Tensor, dim: int, group, stride: int = 1) -> torch.Tensor:
+    """The full tensor from every rank's (strided) shard, with plain torch.distributed (no autograd)."""
+    size = dist.get_world_size(group)
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    per_rank = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([torch.cat([pr[k] for pr in per_rank], dim=dim) for k in range(stride)], dim=dim)
 
 
 def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:

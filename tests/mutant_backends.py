@@ -75,6 +75,25 @@ def _patched(owner, name, value):
         setattr(owner, name, old)
 
 
+def _own_communication(model, kinds):
+    """Let the adapters of these base kinds do their own collectives (share_communication=False, the
+    Megatron-Bridge way), so that a bug in the adapter's own communication is on the path taken."""
+    for wrapper in _wrappers(model):
+        if getattr(wrapper.adapter, "base_kind", None) in kinds and hasattr(wrapper, "share_communication"):
+            wrapper.share_communication = False
+
+
+def _break_adapter_forward(model, kind, broken_forward, own_communication=False):
+    """Give every dense adapter over a `kind` ("column" or "row") base `broken_forward` as its
+    `_{kind}_forward`; with own_communication the adapters also do their own collectives, so that
+    the broken communication is on the path taken."""
+    if own_communication:
+        _own_communication(model, (kind,))
+    for adapter in _adapters(model, kinds=(kind,), include_experts=False):
+        setattr(adapter, f"_{kind}_forward", types.MethodType(broken_forward, adapter))
+    return model
+
+
 class _Mutant(ReferenceBackend):
     expected_clause: str | None = None
     select: str | None = None
@@ -127,10 +146,8 @@ class ColumnMissingGatherBackend(_Mutant):
     select = "forward.parallel_forward_matches_full_math"
 
     def apply_lora(self, model, config, training=True):
-        model = super().apply_lora(model, config, training)
-        for adapter in _adapters(model, kinds=("column",), include_experts=False):
-            adapter._column_forward = types.MethodType(_column_forward_without_gather, adapter)
-        return model
+        return _break_adapter_forward(super().apply_lora(model, config, training), "column",
+                                      _column_forward_without_gather)
 
 
 def _column_forward_gather_wrong_axis(self, x, A, B, caller_communicates=False):
@@ -158,10 +175,8 @@ class GatherWrongAxisBackend(_Mutant):
     select = "forward.parallel_forward_matches_full_math"
 
     def apply_lora(self, model, config, training=True):
-        model = super().apply_lora(model, config, training)
-        for adapter in _adapters(model, kinds=("column",), include_experts=False):
-            adapter._column_forward = types.MethodType(_column_forward_gather_wrong_axis, adapter)
-        return model
+        return _break_adapter_forward(super().apply_lora(model, config, training), "column",
+                                      _column_forward_gather_wrong_axis)
 
 
 def _row_forward_without_sp_scatter(self, x, A, B, caller_communicates=False):
@@ -178,14 +193,6 @@ def _row_forward_without_sp_scatter(self, x, A, B, caller_communicates=False):
     return gather_from_tensor_parallel_region(y, group)   # BUG: no scatter to (s/t, b, out) under SP
 
 
-def _own_communication(model, kinds):
-    """Let the adapters of these base kinds do their own collectives (share_communication=False, the
-    Megatron-Bridge way), so that a bug in the adapter's own communication is on the path taken."""
-    for wrapper in _wrappers(model):
-        if getattr(wrapper.adapter, "base_kind", None) in kinds and hasattr(wrapper, "share_communication"):
-            wrapper.share_communication = False
-
-
 class RowNoSequenceScatterBackend(_Mutant):
     """Under sequence parallelism the row adapter returns the full (s, b, out) instead of its sequence shard.
 
@@ -196,11 +203,8 @@ class RowNoSequenceScatterBackend(_Mutant):
     select = "forward.sequence_parallel_forward_matches_full_math"
 
     def apply_lora(self, model, config, training=True):
-        model = super().apply_lora(model, config, training)
-        _own_communication(model, ("row",))
-        for adapter in _adapters(model, kinds=("row",), include_experts=False):
-            adapter._row_forward = types.MethodType(_row_forward_without_sp_scatter, adapter)
-        return model
+        return _break_adapter_forward(super().apply_lora(model, config, training), "row",
+                                      _row_forward_without_sp_scatter, own_communication=True)
 
 
 def _row_forward_first_slice_of_full_input(self, x, A, B, caller_communicates=False):
@@ -223,11 +227,8 @@ class RowFullInputWrongSliceBackend(_Mutant):
     select = "LORA-FWD-8"
 
     def apply_lora(self, model, config, training=True):
-        model = super().apply_lora(model, config, training)
-        _own_communication(model, ("row",))
-        for adapter in _adapters(model, kinds=("row",), include_experts=False):
-            adapter._row_forward = types.MethodType(_row_forward_first_slice_of_full_input, adapter)
-        return model
+        return _break_adapter_forward(super().apply_lora(model, config, training), "row",
+                                      _row_forward_first_slice_of_full_input, own_communication=True)
 
 
 class OwnActivationCollectivesBackend(_Mutant):
@@ -283,11 +284,8 @@ class ColumnMissingInputGradReduceBackend(_Mutant):
     select = "backward.parallel_gradients_match_full_math"
 
     def apply_lora(self, model, config, training=True):
-        model = super().apply_lora(model, config, training)
-        _own_communication(model, ("column",))
-        for adapter in _adapters(model, kinds=("column",), include_experts=False):
-            adapter._column_forward = types.MethodType(_column_forward_without_copy_to, adapter)
-        return model
+        return _break_adapter_forward(super().apply_lora(model, config, training), "column",
+                                      _column_forward_without_copy_to, own_communication=True)
 
 
 class BaseNotFrozenBackend(_Mutant):

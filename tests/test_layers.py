@@ -11,14 +11,9 @@ from reference import ColumnParallelLinear, RowParallelLinear
 
 from .conftest import WORLD_SIZES
 from .distributed import run_distributed
-from .helpers import all_reduce_sum, assert_close, chunk, device, seeded
+from .helpers import all_reduce_sum, assert_close, chunk, device, seeded, strided_chunk
 
 S, B, IN, OUT = 8, 2, 12, 16
-
-
-def _strided_chunk(x, dim, r, t, stride):
-    """Rank r's rows of a [part_0; ...; part_{stride-1}] tensor (see reference.parallel.sharding)."""
-    return torch.cat([chunk(part, dim, r, t) for part in x.chunk(stride, dim=dim)], dim=dim)
 
 
 def check_column(tp, sequence_parallel, bias, skip_bias_add, gather_output, stride, dtype):
@@ -39,19 +34,19 @@ def check_column(tp, sequence_parallel, bias, skip_bias_add, gather_output, stri
         assert_close(y, Y, dtype)
         (y * G.to(dtype)).sum().backward()                               # replicated output: one loss
     else:
-        assert_close(y, _strided_chunk(Y, -1, r, t, stride), dtype)
-        (y * _strided_chunk(G, -1, r, t, stride).to(dtype)).sum().backward()
+        assert_close(y, strided_chunk(Y, -1, r, t, stride), dtype)
+        (y * strided_chunk(G, -1, r, t, stride).to(dtype)).sum().backward()
     if skip_bias_add and bias:
-        assert_close(returned_bias, _strided_chunk(b, 0, r, t, stride), dtype)
+        assert_close(returned_bias, strided_chunk(b, 0, r, t, stride), dtype)
     else:
         assert returned_bias is None
 
     dX = G @ W                                                            # (s, b, in)
     assert_close(x.grad, chunk(dX, 0, r, t) if sequence_parallel else dX, dtype, scale=4)
     dW = G.reshape(-1, OUT).T @ X.reshape(-1, IN)                         # (out, in)
-    assert_close(layer.weight.grad, _strided_chunk(dW, 0, r, t, stride), dtype, scale=4)
+    assert_close(layer.weight.grad, strided_chunk(dW, 0, r, t, stride), dtype, scale=4)
     if bias and not skip_bias_add:
-        assert_close(layer.bias.grad, _strided_chunk(G.sum((0, 1)), 0, r, t, stride), dtype, scale=4)
+        assert_close(layer.bias.grad, strided_chunk(G.sum((0, 1)), 0, r, t, stride), dtype, scale=4)
     full_W, full_b = layer.full_weight()
     assert_close(full_W, W.to(dtype).to(full_W.device), dtype)
     if bias:

@@ -19,31 +19,14 @@ from reference.lora import build_adapter
 
 from .conftest import WORLD_SIZES
 from .distributed import run_distributed
-from .helpers import NoCollectives, all_reduce_sum, assert_close, chunk, device, seeded
+from .helpers import (NoCollectives, all_reduce_sum, assert_close, chunk, device, gather_full, init_tp,
+                      seeded, strided_chunk)
 
 S, BATCH, IN, OUT, DIM = 8, 2, 12, 16, 4
 ALPHA = 8.0
 
 
 # ---- helpers (module level: rank functions are pickled by name) ----------------------------------
-
-def _tp(tp=None):
-    return P.initialize_model_parallel(tensor_model_parallel_size=tp or dist.get_world_size())
-
-
-def _strided_chunk(x, dim, r, t, stride=1):
-    """Rank r's part of a [part_0; ...; part_{stride-1}] tensor along `dim`."""
-    return torch.cat([chunk(part, dim, r, t) for part in x.chunk(stride, dim=dim)], dim=dim)
-
-
-def _gather(local, dim, group, stride=1):
-    """The full tensor from every rank's (strided) shard, with plain torch.distributed (no autograd)."""
-    t = dist.get_world_size(group)
-    parts = [torch.empty_like(local) for _ in range(t)]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    per_rank = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([torch.cat([pr[k] for pr in per_rank], dim=dim) for k in range(stride)], dim=dim)
-
 
 def _base(kind, *, sp=False, gather_output=False, stride=1, skip_bias_add=False, input_is_parallel=True,
           dtype=torch.float64, in_features=IN, out_features=OUT):
@@ -91,7 +74,7 @@ def _x_layout(kind, X, r, t, sp=False, input_is_parallel=True):
 
 def _y_layout(kind, Y, r, t, sp=False, gather_output=False, stride=1):
     if kind == "column":
-        return Y if gather_output else _strided_chunk(Y, -1, r, t, stride)   # (s, b, out[/t])
+        return Y if gather_output else strided_chunk(Y, -1, r, t, stride)   # (s, b, out[/t])
     if kind == "row":
         return chunk(Y, 0, r, t) if sp else Y                                # (s[/t], b, out)
     return Y
@@ -102,7 +85,7 @@ def _A_shard(kind, A, r, t):
 
 
 def _B_shard(kind, Bm, r, t, stride=1):
-    return Bm if kind == "none" else _strided_chunk(Bm, 0, r, t, stride if kind == "column" else 1)
+    return Bm if kind == "none" else strided_chunk(Bm, 0, r, t, stride if kind == "column" else 1)
 
 
 def _out(result, kind):
@@ -145,7 +128,7 @@ def _fwd_bwd_case(kind, *, sp=False, gather_output=False, stride=1, skip_bias_ad
     if kind != "none":
         if skip_bias_add:
             assert bias is base.bias, tag                                 # the base's bias, untouched
-            expected_b = _strided_chunk(b, 0, r, t, stride) if kind == "column" else b
+            expected_b = strided_chunk(b, 0, r, t, stride) if kind == "column" else b
             assert_close(bias, expected_b, msg=tag)
         else:
             assert bias is None, tag
@@ -174,19 +157,19 @@ ROW_CASES = [dict(sp=sp, input_is_parallel=ip, skip_bias_add=sk, a2a=a2a)
 
 
 def check_column_cases():
-    _tp()
+    init_tp()
     for case in COLUMN_CASES:
         _fwd_bwd_case("column", **case)
 
 
 def check_row_cases():
-    _tp()
+    init_tp()
     for case in ROW_CASES:
         _fwd_bwd_case("row", **case)
 
 
 def check_linear_cases():
-    _tp()
+    init_tp()
     for a2a in (False, True):
         _fwd_bwd_case("none", a2a=a2a)
 
@@ -215,7 +198,7 @@ def test_linear_base_forward_backward(world_size):
 
 
 def check_a2a_matches_gather_scatter():
-    _tp()
+    init_tp()
     for kind, case in [("row", dict(sp=True)), ("row", dict(sp=True, skip_bias_add=True)),
                        ("row", dict()), ("column", dict()), ("column", dict(sp=True)),
                        ("column", dict(sp=True, stride=2))]:
@@ -235,7 +218,7 @@ def test_a2a_gives_the_same_output_and_grads(world_size):
 
 def check_scales():
     t = dist.get_world_size()
-    _tp()
+    init_tp()
     for alpha, dim in [(1.0, 4), (16.0, 8), (3.5, 4), (64, 8 * t)]:
         _fwd_bwd_case("column", alpha=alpha, dim=dim)
         _fwd_bwd_case("column", sp=True, stride=2, alpha=alpha, dim=dim)
@@ -258,7 +241,7 @@ DROPOUT_CASES = [("column", dict()), ("column", dict(sp=True)), ("column", dict(
 
 
 def check_dropout(p):
-    state = _tp()
+    state = init_tp()
     W, b = seeded((OUT, IN), 1), seeded((OUT,), 2)
     A, Bm = seeded((DIM, IN), 5), seeded((OUT, DIM), 6)
     X = seeded((S, BATCH, IN), 3)
@@ -290,7 +273,7 @@ def check_dropout(p):
         else:
             full = delta
             if kind == "column" and not lay_y["gather_output"]:
-                full = _gather(delta, -1, state.tp_group, lay_y["stride"])   # tokens with all out features
+                full = gather_full(delta, -1, state.tp_group, lay_y["stride"])   # tokens with all out features
             tokens = full.reshape(-1, OUT)
             residual = tokens - (tokens @ Q) @ Q.T
             assert residual.abs().max() <= 1e-10 * tokens.abs().max(), f"delta not in span(B) ({tag})"
@@ -344,8 +327,8 @@ def _init_adapters():
         if kind == "none":
             A, Bm = A_loc, B_loc
         else:
-            A = _gather(A_loc, 0 if kind == "column" else 1, state.tp_group)
-            Bm = _gather(B_loc, 0, state.tp_group, 2 if kind == "column" else 1)
+            A = gather_full(A_loc, 0 if kind == "column" else 1, state.tp_group)
+            Bm = gather_full(B_loc, 0, state.tp_group, 2 if kind == "column" else 1)
         out[(kind, ma, mb)] = (A.cpu(), Bm.cpu(), after)
     return out
 
@@ -373,7 +356,7 @@ def check_init():
     world = dist.get_world_size()
     per_tp = {}
     for tp in sorted({1, world}):
-        _tp(tp)
+        init_tp(tp)
         per_tp[tp] = _init_adapters()
     for key, (A, Bm, after) in per_tp[world].items():
         A1, B1, after1 = per_tp[1][key]
@@ -385,10 +368,10 @@ def check_init():
         _check_init_stats(Bm, mb, BIG_DIM, BIG_OUT, f"B {key}")
     # one seed, one adapter: a different seed gives a different one (the test could fail).
     A0 = per_tp[world][("column", "xavier", "normal")][0]
-    _tp(world)
+    init_tp(world)
     torch.manual_seed(4321)
     other = build_adapter(LoRA(dim=BIG_DIM), ColumnParallelLinear(BIG_IN, BIG_OUT), "layer")
-    assert not torch.equal(_gather(other.linear_in.weight, 0, P.get_parallel_state().tp_group).cpu(), A0)
+    assert not torch.equal(gather_full(other.linear_in.weight, 0, P.get_parallel_state().tp_group).cpu(), A0)
     return {k: (v[0].sum().item(), v[1].sum().item()) for k, v in per_tp[world].items()}
 
 
@@ -404,7 +387,7 @@ def test_init_same_full_adapter_at_every_tp(world_size):
 
 def check_zero_B_model_unchanged():
     t = dist.get_world_size()
-    _tp(t)
+    init_tp(t)
     for sp, gated in [(False, False), (True, False), (True, True), (False, True)]:
         config = TinyGPTConfig(sequence_parallel=sp, gated_linear_unit=gated)
         model = TinyGPT(config, seed=7)
@@ -442,7 +425,7 @@ def test_zero_B_leaves_the_model_unchanged(world_size):
 # ---- [LORA-INIT-4] [LORA-FWD-2] full and sharded adapter weights ---------------------------------
 
 def check_full_weights_round_trip():
-    state = _tp()
+    state = init_tp()
     for kind, case in [("column", dict()), ("column", dict(stride=2)), ("column", dict(sp=True, gather_output=True)),
                        ("row", dict()), ("row", dict(sp=True)), ("none", dict())]:
         r, t = _rt(kind, state)
@@ -472,7 +455,7 @@ def test_full_weights_round_trip(world_size):
 
 
 def check_bad_sizes_and_shapes():
-    state = _tp()
+    state = init_tp()
     t = state.tp_size
     errors = {}
 
@@ -521,7 +504,7 @@ def test_bad_sizes_and_shapes_raise_on_every_rank(world_size):
 # ---- [LORA-DTYPE-1] [LORA-DTYPE-2] ------------------------------------------------------------------
 
 def check_lora_dtype():
-    state = _tp()
+    state = init_tp()
     W, b = seeded((OUT, IN), 1), seeded((OUT,), 2)
     A, Bm = seeded((DIM, IN), 5), seeded((OUT, DIM), 6)
     X, G = seeded((S, BATCH, IN), 3), seeded((S, BATCH, OUT), 4)
@@ -580,7 +563,7 @@ def test_lora_dtype(world_size):
 # ---- [LORA-INJ-5] TP invariance of TinyGPT + LoRA --------------------------------------------------
 
 def _lora_gpt_logits_and_grads(tp, sp, gated):
-    state = _tp(tp)
+    state = init_tp(tp)
     config = TinyGPTConfig(sequence_parallel=sp, gated_linear_unit=gated)
     model = TinyGPT(config, seed=7)
     torch.manual_seed(99)
@@ -596,9 +579,9 @@ def _lora_gpt_logits_and_grads(tp, sp, gated):
             continue
         gA, gB = m.adapter.linear_in.weight.grad, m.adapter.linear_out.weight.grad
         if isinstance(m.to_wrap, ColumnParallelLinear):
-            gA, gB = _gather(gA, 0, state.tp_group), _gather(gB, 0, state.tp_group, m.to_wrap.stride)
+            gA, gB = gather_full(gA, 0, state.tp_group), gather_full(gB, 0, state.tp_group, m.to_wrap.stride)
         else:
-            gA, gB = _gather(gA, 1, state.tp_group), _gather(gB, 0, state.tp_group)
+            gA, gB = gather_full(gA, 1, state.tp_group), gather_full(gB, 0, state.tp_group)
         grads[name] = (gA, gB)
     for name, p in model.named_parameters():
         if ".adapter." in name:
@@ -613,7 +596,7 @@ def check_tinygpt_lora_tp_invariance():
     for gated in (False, True):
         ref_logits, ref_grads = _lora_gpt_logits_and_grads(1, False, gated)
         # the adapters matter: they change the logits, and their gradients are not all zero
-        _tp(1)
+        init_tp(1)
         config = TinyGPTConfig(gated_linear_unit=gated)
         ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3)).to(device())
         with torch.no_grad():

@@ -18,6 +18,9 @@ import reference.parallel as P
 from reference import ColumnParallelLinear, LoRA, LoRALinear, RowParallelLinear, TinyGPT, TinyGPTConfig
 from reference.lora import LoRAConfig, pattern_matches
 
+# Megatron-Bridge 0.6.2's LoRA defaults, written out once in the suite (not taken from the reference).
+from conformance.properties.config import DEFAULTS as MEGATRON_BRIDGE_DEFAULTS
+
 from .distributed import BACKEND, run_distributed
 from .helpers import all_reduce_sum, device
 
@@ -91,23 +94,6 @@ def tiny12():
 
 
 # ---- [LORA-CFG-*] ---------------------------------------------------------------------------------
-
-# Megatron-Bridge 0.6.2's LoRA defaults, written out here (not imported from the reference).
-MEGATRON_BRIDGE_DEFAULTS = {
-    "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
-    "exclude_modules": [],
-    "dim": 32,
-    "alpha": 32,
-    "dropout": 0.0,
-    "dropout_position": "pre",
-    "a2a_experimental": False,
-    "lora_A_init_method": "xavier",
-    "lora_B_init_method": "zero",
-    "lora_dtype": None,
-    "normalize_moe_lora": False,
-    "share_expert_adapters": True,
-}
-
 
 @pytest.mark.parametrize("cls", [LoRA, LoRAConfig], ids=["LoRA", "LoRAConfig"])
 def test_defaults_are_megatron_bridges(cls):

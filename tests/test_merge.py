@@ -2,35 +2,17 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-import reference.parallel as P
 from reference import (ColumnParallelLinear, LoRA, LoRALinear, LoRAMerge, RowParallelLinear, TinyGPT,
                        TinyGPTConfig, merge_lora, unmerge_lora)
 
 from .conftest import WORLD_SIZES
 from .distributed import run_distributed
-from .helpers import NoCollectives, all_reduce_sum, assert_close, chunk, device, seeded
+from .helpers import (NoCollectives, all_reduce_sum, assert_close, chunk, device, gather_full, init_tp,
+                      seeded, strided_chunk)
 
 IN, OUT, DIM, ALPHA = 12, 16, 4, 8.0
-
-
-def _tp(tp=None):
-    return P.initialize_model_parallel(tensor_model_parallel_size=tp or dist.get_world_size())
-
-
-def _strided_chunk(x, dim, r, t, stride=1):
-    return torch.cat([chunk(part, dim, r, t) for part in x.chunk(stride, dim=dim)], dim=dim)
-
-
-def _gather(local, dim, group, stride=1):
-    """The full tensor from every rank's (strided) shard, with plain torch.distributed."""
-    t = dist.get_world_size(group)
-    parts = [torch.empty_like(local) for _ in range(t)]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    per_rank = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([torch.cat([pr[k] for pr in per_rank], dim=dim) for k in range(stride)], dim=dim)
 
 
 def _adapt(base, **lora):
@@ -45,8 +27,8 @@ def _full_base_weight(module):
     """The full base weight of a column/row-parallel layer, gathered here."""
     group = module.tp_group
     if isinstance(module, ColumnParallelLinear):
-        return _gather(module.weight, 0, group, module.stride)
-    return _gather(module.weight, 1, group)
+        return gather_full(module.weight, 0, group, module.stride)
+    return gather_full(module.weight, 1, group)
 
 
 def _full_adapter(wrapper):
@@ -54,16 +36,16 @@ def _full_adapter(wrapper):
     base, adapter = wrapper.to_wrap, wrapper.adapter
     A, Bm = adapter.linear_in.weight, adapter.linear_out.weight
     if isinstance(base, ColumnParallelLinear):
-        return _gather(A, 0, base.tp_group), _gather(Bm, 0, base.tp_group, base.stride)
+        return gather_full(A, 0, base.tp_group), gather_full(Bm, 0, base.tp_group, base.stride)
     if isinstance(base, RowParallelLinear):
-        return _gather(A, 1, base.tp_group), _gather(Bm, 0, base.tp_group)
+        return gather_full(A, 1, base.tp_group), gather_full(Bm, 0, base.tp_group)
     return A.detach().clone(), Bm.detach().clone()
 
 
 # ---- [LORA-MERGE-1] the tensor helper ---------------------------------------------------------------
 
 def check_merge_helper():
-    state = _tp()
+    state = init_tp()
     r, t, group = state.tp_rank, state.tp_size, state.tp_group
     for dtype in (torch.float64, torch.float32):
         for alpha, dim in ((ALPHA, DIM), (3.0, 8), (32.0, 4 * t)):
@@ -121,7 +103,7 @@ def _bad_merges(t, group):
 
 
 def check_merge_shape_errors():
-    state = _tp()
+    state = init_tp()
     messages = {}
     for name, call in _bad_merges(state.tp_size, state.tp_group):
         with pytest.raises(ValueError, match="merge") as info:
@@ -140,7 +122,7 @@ def test_lora_merge_shape_errors(world_size):
 
 
 def check_merge_errors_before_collectives():
-    state = _tp()
+    state = init_tp()
     failures = []
     for name, call in _bad_merges(state.tp_size, state.tp_group):
         try:
@@ -185,14 +167,14 @@ def _wrapper_with(kind, dtype, W, b, A, Bm, stride=1):
 
 def _weight_shard(kind, full, r, t, stride=1):
     if kind == "column":
-        return _strided_chunk(full, 0, r, t, stride)
+        return strided_chunk(full, 0, r, t, stride)
     if kind == "row":
         return chunk(full, 1, r, t)
     return full
 
 
 def check_merged_weight():
-    state = _tp()
+    state = init_tp()
     r, t = state.tp_rank, state.tp_size
     for kind, stride in (("column", 1), ("column", 2), ("row", 1), ("none", 1)):
         rt = (0, 1) if kind == "none" else (r, t)
@@ -251,7 +233,7 @@ def _adapted_gpt(sp, gated):
 
 
 def check_merge_model():
-    _tp()
+    init_tp()
     for sp, gated in [(False, False), (True, False), (False, True), (True, True)]:
         tag = f"sp={sp} gated={gated}"
         model, ids, adapted = _adapted_gpt(sp, gated)
@@ -285,7 +267,7 @@ def test_merge_lora_replaces_wrappers_and_keeps_logits(world_size):
 
 
 def check_merge_keep_wrappers_and_unmerge():
-    _tp()
+    init_tp()
     for sp, gated in [(False, True), (True, False)]:
         tag = f"sp={sp} gated={gated}"
         model, ids, adapted = _adapted_gpt(sp, gated)
@@ -319,7 +301,7 @@ def test_merge_keep_wrappers_then_unmerge(world_size):
 
 
 def check_merge_single_wrapper():
-    state = _tp()
+    state = init_tp()
     r, t = state.tp_rank, state.tp_size
     W, b, A, Bm = seeded((OUT, IN), 1), seeded((OUT,), 2), seeded((DIM, IN), 3), seeded((OUT, DIM), 4)
     X = seeded((8, 2, IN), 5)

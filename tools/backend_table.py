@@ -17,9 +17,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from spec_trace import spec_clauses  # noqa: E402
+
+from conformance import deviations  # noqa: E402
+from conformance.registry import load_all  # noqa: E402
 
 WORDS = {"passed": "passed", "xfailed": "deviates (declared)", "failed": "**failed**", "xpassed": "**xpassed**",
          "skipped": "skipped", "not applicable": "not applicable"}
@@ -44,10 +47,6 @@ def _first_failure_line(message: str) -> str:
 
 
 def deviation_table(report: dict, deviations_path: str) -> str:
-    sys.path.insert(0, str(ROOT))
-    from conformance import deviations
-    from conformance.registry import load_all
-
     entries = deviations.load(deviations_path)
     props = {p.id: p for p in load_all()}
     lines = ["| property | clauses | declared reason | measured failure |", "|---|---|---|---|"]

@@ -26,7 +26,7 @@ def main(path: str) -> None:
             print(f"| {r['kind']} | {r['r']} | {r['tp']} | {fmt(r, 'ours')} | {fmt(r, 'mb')} | {fmt(r, 'peft')} | "
                   f"{r['floor_extra_ms']:.3f} / {r['floor_ratio']:.3f} |")
         print()
-    print(f"merge_lora, 32 layers H=4096 (qkv, proj, gated fc1, fc2), r=16: "
+    print("merge_lora, 32 layers H=4096 (qkv, proj, gated fc1, fc2), r=16: "
           + ", ".join(f"{k}: {v:.3f} s" for k, v in data["merge_lora_s"].items()))
 
 

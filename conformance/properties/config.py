@@ -99,8 +99,6 @@ BAD_VALUES = [
 def bad_config_values_raise_naming_the_field(ctx, backend, ex):
     """Each bad value raises (ValueError, or TypeError for patterns and flags of the wrong type) when
     the config is built or validated, with a message naming the field."""
-    import reference
-
     field, value, errors = BAD_VALUES[ex["case"]]
     fields = {field: value}
     if field == "exclude_modules":
@@ -123,8 +121,6 @@ def bad_config_values_raise_naming_the_field(ctx, backend, ex):
 def target_and_exclude_are_exclusive(ctx, backend, drawn):
     """Non-empty target_modules and exclude_modules together raise a ValueError at construction;
     either alone (exclude mode: target_modules=[]) is accepted."""
-    import reference
-
     target, exclude = drawn
     def build():
         return backend.validate_config(RawLoRAConfig(target_modules=target, exclude_modules=exclude))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from hypothesis import strategies as st
 
 from ..layer_case import (build, expected, fit_to_backend, layer_examples, local_piece, output_layout, run,

@@ -16,6 +16,7 @@ from torch import nn
 from ..backend import Container, LinearSpec, ModelSpec
 from ..model_case import (
     DEFAULT_TARGETS,
+    adapter_parameter_names,
     apply_quietly,
     load_model_adapters,
     pattern_selects,
@@ -62,15 +63,6 @@ def _build(ctx, backend, ex, tp, sp):
     return groups, spec, backend.make_model(spec)
 
 
-def _adapter_params(backend, model) -> dict[int, str]:
-    """id(parameter) -> 'module name.A|B' for every adapter parameter."""
-    out = {}
-    for name, module in backend.lora_modules(model).items():
-        A, B = backend.adapter_weights(module)
-        out[id(A)], out[id(B)] = f"{name}.A", f"{name}.B"
-    return out
-
-
 def _check_modes(ctx, model, training: bool, what: str) -> None:
     wrong = [name or "<model>" for name, m in model.named_modules() if m.training != training]
     ctx.check(not wrong, f"{what}: modules not in {'train' if training else 'eval'} mode: {wrong[:4]}")
@@ -83,7 +75,7 @@ def apply_trains_exactly_the_adapters(ctx, backend, ex):
     _, _, model = _build(ctx, backend, ex, tp, sp)
     model.eval()
     apply_quietly(backend, model, _config(ex), training=True)
-    adapters = _adapter_params(backend, model)
+    adapters = adapter_parameter_names(backend, model)
     ctx.check(bool(adapters), f"target_modules={TARGET_SETS[ex['targets']]}: no module got an adapter")
     frozen_adapters = [label for p in model.parameters() if id(p) in adapters and not p.requires_grad
                        for label in [adapters[id(p)]]]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
-from ..model_case import apply_quietly
+from ..model_case import adapter_parameter_names, apply_quietly
 from ..registry import prop
 
 PARTS = ("vision_model", "vision_projection", "language_model")
@@ -54,21 +54,13 @@ def _part(name: str) -> str | None:
     return head if head in PARTS else None
 
 
-def _adapter_ids(backend, chunk) -> dict[int, str]:
-    out = {}
-    for name, module in backend.lora_modules(chunk).items():
-        A, B = backend.adapter_weights(module)
-        out[id(A)], out[id(B)] = f"{name}.A", f"{name}.B"
-    return out
-
-
 def _describe(ex) -> str:
     return ", ".join(f"{f}={v}" for f, v in zip(FLAGS, ex["flags"])) + f", training={ex['training']}"
 
 
 def _check_base(ctx, backend, chunk, ex, what=""):
     """[VLM-FREEZE-1]: base parameters require grad exactly in the unflagged parts (training=True)."""
-    adapters = _adapter_ids(backend, chunk)
+    adapters = adapter_parameter_names(backend, chunk)
     frozen = dict(zip(PARTS, ex["flags"]))
     wrong = []
     for name, param in chunk.named_parameters():
@@ -91,7 +83,7 @@ def _check_adapters(ctx, backend, chunk, ex, what=""):
     missing = [p for p in PARTS if not any(n.startswith(p + ".") for n in modules)]
     ctx.check(not missing, f"{what}{_describe(ex)}: no adapter inside {missing} with the default target_modules")
     params = {id(p): p for p in chunk.parameters()}
-    adapters = _adapter_ids(backend, chunk)
+    adapters = adapter_parameter_names(backend, chunk)
     stray = [label for param_id, label in adapters.items() if param_id not in params]
     ctx.check(not stray, f"{what}adapter parameters that are not parameters of the model: {stray[:4]}")
     wrong = [label for param_id, label in adapters.items() if params[param_id].requires_grad != ex["training"]]
