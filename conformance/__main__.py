@@ -1,4 +1,4 @@
-"""torchrun --nproc-per-node N -m conformance [--backend pkg.module:Class] [options]
+"""torchrun --standalone --nproc-per-node N -m conformance [--backend pkg.module:Class] [options]
 
 Checks a LoRA backend against SPEC.md with hypothesis properties, SPMD over the ranks torchrun
 started (or one process without torchrun). Exit code: 0 when nothing failed, 1 on any failure (or
@@ -36,7 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=_nonnegative_int, default=0, help="hypothesis seed (default 0)")
     parser.add_argument("-k", dest="keyword", default=None,
                         help="select properties: words match id, section or clause; 'and', 'or', 'not', ()")
-    parser.add_argument("--deviations", default=None, help="file of declared deviations (skip/xfail with reasons)")
+    parser.add_argument("--deviations", default=None,
+                        help="declared deviations (skip/xfail with reasons): a file, or the name of a shipped "
+                             "one (see --list-deviations)")
+    parser.add_argument("--list-deviations", action="store_true",
+                        help="list the deviations files shipped with the package and exit")
     parser.add_argument("--strict-deviations", action="store_true", help="an XPASS fails the run")
     parser.add_argument("--report-json", default=None, help="write the full report as JSON")
     parser.add_argument("--junitxml", default=None, help="write a JUnit XML report")
@@ -167,6 +171,11 @@ def main(argv=None) -> int:
     from .registry import load_all
     from .runner import FAIL, NA, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, run_property
 
+    if args.list_deviations:
+        for name, path in deviations_mod.shipped().items():
+            entries = deviations_mod.parse(path.read_text(encoding="utf-8"), str(path))
+            print(f"{name:<20} {len(entries):>3} entries  {path}")
+        return 0
     properties = load_all()
     if args.list:
         for p in properties:

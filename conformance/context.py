@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .agreement import all_gather_json
+
 # Tolerances by dtype (rtol, atol), in the style of torch.testing.assert_close's defaults. The
 # reduced-precision ones are wider because a TP layer sums in a different order than the full math.
 TOLERANCES = {
@@ -118,11 +120,8 @@ def raises_everywhere(ctx: Context, fn, errors: tuple, what: str, mentions: tupl
         fn()
         outcome = None
     except Exception as error:   # noqa: BLE001 - which error the backend raised is the verdict
-        outcome = (type(error).__name__, isinstance(error, errors), str(error))
-    outcomes = [outcome]
-    if ctx.world_size > 1:
-        outcomes = [None] * ctx.world_size
-        dist.all_gather_object(outcomes, outcome, group=ctx.control_group)
+        outcome = [type(error).__name__, isinstance(error, errors), str(error)]
+    outcomes = all_gather_json(outcome, ctx.control_group)
     wanted = " or ".join(e.__name__ for e in errors)
     distinct = []
     for o in outcomes:

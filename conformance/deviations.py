@@ -10,6 +10,9 @@ A deviations file has one entry a line, a reason after the colon being required:
 The pattern is a property id (shell wildcards allowed) or a clause id (every property checking that
 clause). An entry that matches no property is warned about. An xfail entry whose properties pass is
 reported as XPASS, so the file cannot quietly go stale.
+
+The files for the shipped backends come with the package (`conformance/deviations/NAME.txt`), so
+`--deviations peft` works from an installed wheel as well as from a clone; `shipped()` lists them.
 """
 
 from __future__ import annotations
@@ -49,11 +52,33 @@ def parse(text: str, source: str = "<deviations>") -> list[Deviation]:
     return entries
 
 
-def load(path: str) -> list[Deviation]:
-    file = Path(path)
-    if not file.is_file():
-        raise DeviationError(f"--deviations: no such file: {path}")
-    return parse(file.read_text(), str(file))
+SHIPPED_DIR = Path(__file__).resolve().parent / "deviations"
+
+
+def shipped() -> dict[str, Path]:
+    """The deviations files that ship with the package: name -> path."""
+    return {f.stem: f for f in sorted(SHIPPED_DIR.glob("*.txt"))}
+
+
+def resolve(name_or_path: str) -> Path:
+    """An existing file path, else the name of a shipped file (`peft`, `megatron_bridge`)."""
+    file = Path(name_or_path)
+    if file.is_file():
+        return file
+    known = shipped()
+    if name_or_path in known:
+        return known[name_or_path]
+    raise DeviationError(f"--deviations: no such file, and no shipped deviations named {name_or_path!r}; "
+                         f"shipped: {', '.join(known) or 'none'}")
+
+
+def load(name_or_path: str) -> list[Deviation]:
+    file = resolve(name_or_path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeviationError(f"--deviations: cannot read {file}: {e}") from None
+    return parse(text, str(file))
 
 
 def find(deviations: list[Deviation], prop) -> Deviation | None:

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis.errors import Flaky, HypothesisException
 from hypothesis.internal.conjecture import engine as _hypothesis_engine
 
+from .agreement import all_gather_json
 from .registry import Property
 
 # Shrinking must stop at the same point on every rank: by count (MAX_SHRINKS), never by wall clock.
@@ -68,8 +69,7 @@ def spmd_call(ctx, fn) -> None:
         summary = "".join(traceback.format_exception_only(type(error), error)).strip()
         failure = {"summary": summary[:4000], "timeout": _is_timeout(error),
                    "where": _innermost_frame(error)}
-    outcomes: list = [None] * ctx.world_size
-    dist.all_gather_object(outcomes, failure, group=ctx.control_group)
+    outcomes = all_gather_json(failure, ctx.control_group)
     failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
     if not failed:
         return
@@ -118,7 +118,7 @@ class Progress:
 
 
 def reproduce_command(options: RunOptions, prop: Property, example: dict | None) -> str:
-    head = (f"torchrun --nproc-per-node {options.world_size} -m conformance --backend {options.backend_spec}"
+    head = (f"torchrun --standalone --nproc-per-node {options.world_size} -m conformance --backend {options.backend_spec}"
             if options.world_size > 1 else f"python -m conformance --backend {options.backend_spec}")
     if example is None:
         return f"{head} -k {prop.id} --seed {options.seed}"

@@ -22,6 +22,7 @@ def _run(args, tmp_path, timeout=600, nproc=1):
     return done, (json.loads(report.read_text()) if report.exists() else None)
 
 
+@pytest.mark.peft
 def test_peft_backend_conforms_except_its_declared_deviations(tmp_path):
     """[LORA-FWD-1] [LORA-MATCH-3] HF PEFT: every applicable property passes or is a declared deviation,
     and every declared deviation still fails (--strict-deviations: no stale entry)."""
@@ -37,6 +38,7 @@ def test_peft_backend_conforms_except_its_declared_deviations(tmp_path):
     assert report["warnings"] == []
 
 
+@pytest.mark.peft
 def test_peft_without_its_deviations_fails_on_the_declared_clauses(tmp_path):
     """[LORA-MATCH-3] [LORA-FWD-6] without the file, PEFT's differences are failures on those clauses."""
     pytest.importorskip("peft")

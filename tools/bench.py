@@ -1,7 +1,7 @@
 """What LoRA costs on top of its base layer: the reference, Megatron-Bridge and HF PEFT, side by side.
 
-    torchrun --nproc-per-node 2 tools/bench.py --out bench.json            # GPU (NCCL): the real sizes
-    torchrun --nproc-per-node 2 tools/bench.py --small                     # CPU smoke run
+    torchrun --standalone --nproc-per-node 2 tools/bench.py --out bench.json            # GPU (NCCL): the real sizes
+    torchrun --standalone --nproc-per-node 2 tools/bench.py --small                     # CPU smoke run
 
 For a column base (H -> FFN) and a row base (FFN -> H), bf16, 8192 tokens, H x FFN in
 {4096 x 14336, 8192 x 28672}, r in {16, 64}, TP in {1, 2}: the median time of forward + backward of

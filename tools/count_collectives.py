@@ -1,6 +1,6 @@
 """Count the collectives (and their sizes) of one forward + backward step of a LoRA layer.
 
-    torchrun --nproc-per-node 2 tools/count_collectives.py
+    torchrun --standalone --nproc-per-node 2 tools/count_collectives.py
 
 For each base kind and layout it prints, for the frozen base alone, for LoRA with the adapter
 communicating on its own (Megatron-Bridge's way), and for LoRA sharing the base's collectives (the

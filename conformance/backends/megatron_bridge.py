@@ -1,6 +1,6 @@
 """Megatron-Bridge as a backend: its LoRA on megatron-core's Column/RowParallelLinear, under NCCL.
 
-    torchrun --nproc-per-node 2 -m conformance --backend conformance.backends.megatron_bridge:MegatronBridgeBackend \
+    torchrun --standalone --nproc-per-node 2 -m conformance --backend conformance.backends.megatron_bridge:MegatronBridgeBackend \
         --deviations conformance/deviations/megatron_bridge.txt
 
 Needs an installed `megatron-core` and `megatron-bridge` (Python >= 3.12) and CUDA. Megatron-Bridge's

@@ -1,0 +1,35 @@
+"""Agreeing across ranks on small values without object collectives.
+
+`torch.distributed.all_gather_object` pickles through numpy, which torch does not depend on (nor do
+we). The suite only ever exchanges a few short fields (an error's type and message, where it was
+raised), so it encodes them as JSON bytes in a uint8 tensor and gathers those: two all-gathers, the
+lengths first, then the bytes padded to the longest.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+
+
+def all_gather_json(value, group) -> list:
+    """Every rank's `value` (anything `json.dumps` takes), in rank order.
+
+    Tuples come back as lists, on the calling rank too, so the entries compare equal across ranks.
+    `group` must be a gloo group: the tensors stay on the CPU.
+    """
+    encoded = json.dumps(value).encode("utf-8")                          # never empty: "null" at least
+    size = dist.get_world_size(group)
+    if size == 1:
+        return [json.loads(encoded)]
+    payload = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)   # (n,)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([payload.numel()], dtype=torch.int64), group=group)
+    longest = max(int(n.item()) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8)                     # (longest,)
+    padded[:payload.numel()] = payload
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return [json.loads(bytes(part[:int(n.item())].tolist()).decode("utf-8")) for part, n in zip(parts, lengths)]
