@@ -8,6 +8,7 @@ XPASS with --strict-deviations), 2 on bad usage, 3 when a rank had to be stopped
 from __future__ import annotations
 
 import argparse
+import datetime
 import faulthandler
 import importlib
 import json
@@ -17,6 +18,20 @@ import re
 import sys
 import threading
 import time
+
+import hypothesis
+import torch
+import torch.distributed as dist
+
+from reference.parallel import init_distributed
+
+from . import declared
+from . import report
+from .backends.reference import ReferenceBackend
+from .context import Context
+from .layout import DTYPES
+from .registry import load_all
+from .runner import FAIL, NA, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, run_property
 
 PROFILES = {"quick": 4, "default": 25, "thorough": 100}
 DEFAULT_TIMEOUT_S = 120.0
@@ -68,8 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as e:
             parser.error(f"--replay expects PROPERTY_ID=JSON_EXAMPLE ({e})")
     if args.dtypes is not None:
-        from .context import DTYPES
-
         bad = [d for d in args.dtypes.split(",") if d and d not in DTYPES]
         if bad:
             parser.error(f"--dtypes: unknown {bad}; allowed: {sorted(DTYPES)}")
@@ -124,8 +137,6 @@ def keyword_matcher(expression: str):
 
 def load_backend(spec: str):
     if spec == "reference":
-        from .backends.reference import ReferenceBackend
-
         return ReferenceBackend()
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -161,19 +172,9 @@ def start_watchdog(limit_s: float, what: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-    import torch.distributed as dist
-    import hypothesis
-
-    from . import deviations as deviations_mod
-    from . import report
-    from .context import Context
-    from .registry import load_all
-    from .runner import FAIL, NA, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, run_property
-
     if args.list_deviations:
-        for name, path in deviations_mod.shipped().items():
-            entries = deviations_mod.parse(path.read_text(encoding="utf-8"), str(path))
+        for name, path in declared.shipped().items():
+            entries = declared.parse(path.read_text(encoding="utf-8"), str(path))
             print(f"{name:<20} {len(entries):>3} entries  {path}")
         return 0
     properties = load_all()
@@ -182,13 +183,11 @@ def main(argv=None) -> int:
             print(f"{p.id:<55} [{', '.join(p.clauses)}]  needs: {', '.join(sorted(p.needs)) or '-'}")
         return 0
     try:
-        deviation_list = deviations_mod.load(args.deviations) if args.deviations else []
-    except deviations_mod.DeviationError as e:
+        deviation_list = declared.load(args.deviations) if args.deviations else []
+    except declared.DeviationError as e:
         print(f"conformance: {e}", file=sys.stderr)
         return 2
     backend = load_backend(args.backend)
-
-    from reference.parallel import init_distributed
 
     init_distributed(timeout_s=args.timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -224,7 +223,7 @@ def main(argv=None) -> int:
               "hypothesis": hypothesis.__version__, "python": platform.python_version(),
               "capabilities": sorted(backend.capabilities)}
     warnings = [f"deviation line {d.line} '{d.pattern}' matches no property"
-                for d in deviations_mod.unmatched(deviation_list, properties)]
+                for d in declared.unmatched(deviation_list, properties)]
     if rank == 0:
         print(f"conformance: backend {header['backend_description']}\n"
               f"  world {world} ({header['dist_backend']}, {device}), TP sizes {ctx.tp_sizes}, dtypes {list(ctx.dtypes)}\n"
@@ -242,7 +241,7 @@ def main(argv=None) -> int:
     for index, prop in enumerate(selected, start=1):
         progress.index = index
         missing = sorted(prop.needs - set(backend.capabilities))
-        deviation = deviations_mod.find(deviation_list, prop)
+        deviation = declared.find(deviation_list, prop)
         if missing:
             outcome = Outcome(prop, NA, reason=f"backend lacks: {', '.join(missing)}")
         elif world < prop.min_world:
@@ -293,9 +292,7 @@ def _one_line(message: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _timedelta(seconds: float):
-    import datetime
-
+def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 

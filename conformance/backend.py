@@ -9,6 +9,7 @@ SPEC.md and full-matrix float64 math.
         capabilities = frozenset({"tp", "sp", "merge"})
 
         def init_parallel(self, tp, ep=1, etp=None): ...     # -> Groups
+        def reset_parallel(self): ...                         # forget cached groups (after a hang)
         def make_linear(self, spec): ...                      # -> a base layer holding spec's weights
         def apply_lora(self, model, config, training=True): ...
         def adapter_weights(self, wrapped): ...               # -> (A, B) this rank's parameters
@@ -23,19 +24,20 @@ Conventions (those of Megatron, see SPEC.md):
 - `adapter_weights` returns the adapter's A (linear_in) and B (linear_out) *parameters* on this
   rank, oriented (rank, in) and (out, rank), sharded as SPEC.md [LORA-FWD-2] says. The suite loads
   and reads them in place: a backend that shards differently fails the properties that see it.
+- `plain_linear(spec)` builds the nn.Linear of a kind "linear" spec; `RawLoRAConfig` is what
+  `validate_config` receives in the config properties (conformance/configs.py).
 - `capabilities` lists what the backend supports; properties that need something else are reported
   "not applicable", never passed. See CAPABILITIES.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from reference.lora.config import LoRAConfig
+from .configs import RawLoRAConfig  # noqa: F401 - part of the protocol: what validate_config may receive
 
 CAPABILITIES = {
     "tp": "tensor parallelism (TP > 1) for column/row-parallel bases",
@@ -110,22 +112,6 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
-def _unvalidated(config_cls, name: str):
-    """A dataclass with config_cls's fields and defaults but none of its validation."""
-    fields = []
-    for f in dataclasses.fields(config_cls):
-        default = (field(default_factory=f.default_factory) if f.default is dataclasses.MISSING
-                   else field(default=f.default))
-        fields.append((f.name, object, default))
-    return dataclasses.make_dataclass(name, fields, namespace={"as_dict": lambda self: dict(vars(self))})
-
-
-# LoRA's fields as given, not validated: what `validate_config` receives in the config properties
-# ([LORA-CFG-2], [LORA-CFG-3]), so that the backend's own validation is what is checked. Elsewhere
-# backends receive a (valid) reference.LoRA, which has the same attributes.
-RawLoRAConfig = _unvalidated(LoRAConfig, "RawLoRAConfig")
-
-
 class Backend:
     """Base class with the protocol; see the module docstring. Override what you support."""
 
@@ -143,6 +129,10 @@ class Backend:
     # -- parallel state -----------------------------------------------------------------------
     def init_parallel(self, tp: int, ep: int = 1, etp: int | None = None) -> Groups:
         raise NotImplementedError
+
+    def reset_parallel(self) -> None:
+        """Forget every process group made so far: called after a collective timed out (the groups
+        may be out of step), before the next property makes fresh ones. Default: nothing cached."""
 
     # -- layers and models --------------------------------------------------------------------
     def make_linear(self, spec: LinearSpec) -> nn.Module:
@@ -186,6 +176,17 @@ class Backend:
     def base_weight(self, wrapped: nn.Module) -> torch.Tensor:
         """The base layer's local weight parameter inside a wrapped module."""
         return wrapped.to_wrap.weight
+
+
+def plain_linear(spec: LinearSpec, device=None) -> nn.Linear:
+    """An nn.Linear holding `spec`'s full weight and bias (kind "linear": a base without TP)."""
+    layer = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias is not None, dtype=spec.dtype,
+                      device=device if device is not None else spec.weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(spec.weight)
+        if spec.bias is not None:
+            layer.bias.copy_(spec.bias)
+    return layer
 
 
 class Container(nn.Module):

@@ -29,16 +29,8 @@ def counting():
             return _original(*args, **kwargs)
 
         setattr(dist, name, wrapper)
-    # collectives.py bound its helpers at import: point them at the wrappers too.
-    from reference.parallel import collectives
-
-    bound = {k: getattr(collectives, k) for k in ("_all_gather_single", "_reduce_scatter_single")}
-    collectives._all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    collectives._reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     try:
         yield calls
     finally:
         for name, original in saved.items():
             setattr(dist, name, original)
-        for k, v in bound.items():
-            setattr(collectives, k, v)

@@ -1,9 +1,9 @@
-"""What a property sees: the world, the device, and tools to move between full and sharded tensors.
+"""What a property sees: the world, the device, seeded tensors and comparisons.
 
 Properties compute expected values from full tensors in float64 on every rank, then compare the
 backend's local results with the right piece of the expectation (or gather the backend's shards and
-compare with the whole). The layouts are SPEC.md's; these helpers are the suite's own and never the
-backend's.
+compare with the whole), using SPEC's layouts from conformance/layout.py; these helpers are the
+suite's own and never the backend's.
 """
 
 from __future__ import annotations
@@ -14,16 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .agreement import all_gather_json
-
-# Tolerances by dtype (rtol, atol), in the style of torch.testing.assert_close's defaults. The
-# reduced-precision ones are wider because a TP layer sums in a different order than the full math.
-TOLERANCES = {
-    torch.float64: (1e-7, 1e-7),
-    torch.float32: (1e-5, 1e-5),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (2e-3, 2e-3),
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+from .layout import TOLERANCES
 
 
 def divisors(n: int) -> list[int]:
@@ -49,25 +40,6 @@ class Context:
         generator = torch.Generator().manual_seed(seed)
         t = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
         return t.to(device=self.device, dtype=dtype)
-
-    # -- layouts ----------------------------------------------------------------------------------
-    @staticmethod
-    def piece(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
-        """Rank `rank`'s shard of `full` along `dim` (with `stride` stacked blocks, SPEC [TP-COL-1])."""
-        blocks = full.chunk(stride, dim=dim)
-        return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim)
-
-    @staticmethod
-    def gather(local: torch.Tensor, dim: int, group, stride: int = 1) -> torch.Tensor:
-        """All ranks' `local` (same shape) joined along `dim` into the full tensor (no autograd)."""
-        size = dist.get_world_size(group)
-        local = local.detach().contiguous()
-        if size == 1:
-            return local.clone()
-        parts = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(parts, local, group=group)
-        per_rank = [p.chunk(stride, dim=dim) for p in parts]
-        return torch.cat([torch.cat([pr[k] for pr in per_rank], dim=dim) for k in range(stride)], dim=dim)
 
     @staticmethod
     def all_reduce(t: torch.Tensor, group) -> torch.Tensor:

@@ -6,10 +6,8 @@ layer and its LoRA, then writes this rank's shards of the full A and B into the 
 parameters *using SPEC.md's sharding* ([LORA-FWD-2]); a backend that shards differently is caught
 there or by the forward check. `expected` gives the full-matrix float64 answers.
 
-Layouts (SPEC.md): input of a column layer replicated (s, b, in), or its sequence shard under SP;
-of a row layer its hidden shard (s, b, in/t) (the full input when input_is_parallel=False). Output of
-a column layer its hidden shard (with stride), or the full output when gathered; of a row layer the
-full output, or its sequence shard under SP.
+Which piece of the input, output, weights and adapter a rank holds is SPEC's table in
+conformance/layout.py (`example_shard(tensor, ex)`).
 """
 
 from __future__ import annotations
@@ -20,7 +18,8 @@ import torch
 from hypothesis import strategies as st
 
 from .backend import Container, Groups, LinearSpec
-from .context import DTYPES, Context
+from .configs import layer_lora
+from .layout import DTYPES, Shard, example_shard, piece
 
 NAMES = {"column": "linear_qkv", "row": "linear_proj", "linear": "linear_fc1"}
 # A plain nn.Linear needs no TP group, so none is set up for it (switching layouts can be costly).
@@ -84,66 +83,27 @@ def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float64)
 
 
-def lora_config(ex: dict, name: str, **overrides):
-    import reference
-
-    fields = dict(target_modules=[name], dim=ex["dim"], alpha=ex["alpha"], dropout=ex.get("dropout", 0.0),
-                  dropout_position=ex.get("dropout_position", "pre"), a2a_experimental=ex.get("a2a", False))
-    fields.update(overrides)
-    return reference.LoRA(**fields)
-
-
 def build(ctx, backend, ex: dict, load_adapter: bool = True, **lora_overrides) -> Built:
     """The example's base layer with LoRA, A and B loaded as SPEC shards (see build_base, add_lora)."""
     return add_lora(ctx, backend, build_base(ctx, backend, ex), load_adapter=load_adapter, **lora_overrides)
 
 
-def adapter_shard_specs(ex: dict, groups) -> tuple[tuple, tuple]:
-    """(dim, stride) for A and for B per SPEC [LORA-FWD-2]; dim None = not sharded."""
-    if ex["kind"] == "column":
-        return (0, 1), (0, ex["stride"])
-    if ex["kind"] == "row":
-        return (1, 1), (0, 1)
-    return (None, 1), (None, 1)
-
-
-def local_piece(ctx, full, dim, groups, stride=1):
-    if dim is None or groups.tp_size == 1:
-        return full
-    return ctx.piece(full, dim, groups.tp_rank, groups.tp_size, stride)
+def local_piece(full: torch.Tensor, shard: Shard, groups) -> torch.Tensor:
+    """This rank's piece of `full` over the example's TP group."""
+    return piece(full, shard, groups.tp_rank, groups.tp_size)
 
 
 def load_adapter_weights(built: Built, backend, A=None, B=None) -> None:
     """Write this rank's SPEC shards of the full A and B into the backend's adapter parameters."""
     A_param, B_param = backend.adapter_weights(built.wrapped)
-    A_spec, B_spec = adapter_shard_specs(built.ex, built.groups)
-    for label, param, full, (dim, stride) in (("A", A_param, built.A if A is None else A, A_spec),
-                                                ("B", B_param, built.B if B is None else B, B_spec)):
-        local = local_piece(Context, full, dim, built.groups, stride)
+    for label, param, full in (("A", A_param, built.A if A is None else A), ("B", B_param, built.B if B is None else B)):
+        local = local_piece(full, example_shard(label, built.ex), built.groups)
         if tuple(param.shape) != tuple(local.shape):
             raise AssertionError(
                 f"adapter {label} on this rank has shape {tuple(param.shape)}; SPEC [LORA-FWD-2] gives "
                 f"{tuple(local.shape)} for a {built.ex['kind']} base (full {tuple(full.shape)}, tp={built.ex['tp']})")
         with torch.no_grad():
             param.copy_(local.to(param.dtype))
-
-
-def input_layout(ex: dict) -> tuple:
-    """(dim, stride) of this rank's input piece; dim None = replicated."""
-    if ex["kind"] == "column" and ex["sp"]:
-        return 0, 1
-    if ex["kind"] == "row" and ex["input_is_parallel"]:
-        return -1, 1
-    return None, 1
-
-
-def output_layout(ex: dict) -> tuple:
-    """(dim, stride) of this rank's output piece; dim None = replicated."""
-    if ex["kind"] == "column" and not ex["gather_output"]:
-        return -1, ex["stride"]
-    if ex["kind"] == "row" and ex["sp"]:
-        return 0, 1
-    return None, 1
 
 
 def expected(built: Built, X: torch.Tensor, G: torch.Tensor, lora: bool = True) -> dict:
@@ -173,12 +133,10 @@ def term_sizes(built: Built, X: torch.Tensor, G: torch.Tensor, lora: bool = True
 def run(ctx, built: Built, X: torch.Tensor, G: torch.Tensor):
     """Forward this rank's input piece, backward this rank's loss; returns (y_local, bias, x_local)."""
     ex = built.ex
-    dim, stride = input_layout(ex)
-    x = local_piece(ctx, X, dim, built.groups, stride).to(built.dtype).clone().requires_grad_(True)
+    x = local_piece(X, example_shard("input", ex), built.groups).to(built.dtype).clone().requires_grad_(True)
     result = built.wrapped(x)
     y, returned_bias = (result if isinstance(result, tuple) else (result, None))
-    out_dim, out_stride = output_layout(ex)
-    g = local_piece(ctx, G, out_dim, built.groups, out_stride)
+    g = local_piece(G, example_shard("output", ex), built.groups)
     if isinstance(y, torch.Tensor) and y.shape == g.shape:
         (y.float() * g.float()).sum().backward()
     return y, returned_bias, x
@@ -218,7 +176,7 @@ def add_lora(ctx, backend, base: Built, load_adapter: bool = True, torch_seed: i
     the adapter's own initialization is reproducible (SPEC [LORA-INIT-2]).
     """
     ex, name = base.ex, NAMES[base.ex["kind"]]
-    config = backend.validate_config(lora_config(ex, name, **lora_overrides))
+    config = backend.validate_config(layer_lora(ex, name, **lora_overrides))
     if torch_seed is not None:
         torch.manual_seed(torch_seed)
     backend.apply_lora(base.container, config, training=True)

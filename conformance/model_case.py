@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .backend import ModelSpec
-from .context import Context
+from .layout import Shard, gather, piece, shard_of
 
 DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 COLUMN_NAMES = ("linear_qkv", "linear_fc1", "output_layer")
@@ -107,6 +107,16 @@ def effective_rank(full_name: str, dim: int, topk: int, etp: int, normalize: boo
     return rank
 
 
+# ---- base layouts ([TP-COL-1], [TP-ROW-1]) ---------------------------------------------------------------
+
+def base_shard(full_name: str, tensor: str, gated: bool) -> Shard:
+    """Where a rank's piece of the weight or bias of a dense TinyGPT module lies, by the module's name
+    (see the module docstring): linear_fc1 of a gated MLP keeps its [gate; up] blocks (stride 2)."""
+    short = full_name.rsplit(".", 1)[-1]
+    kind = "column" if short in COLUMN_NAMES else "row" if short in ROW_NAMES else "none"
+    return shard_of(tensor, kind, stride=2 if gated and short == "linear_fc1" else 1)
+
+
 # ---- adapter layouts -------------------------------------------------------------------------------------
 
 @dataclass
@@ -129,12 +139,12 @@ class AdapterPlan:
     def full_shapes(self) -> tuple[tuple, tuple]:
         return (self.rank, self.in_features), (self.out_features, self.rank)
 
+    def shard(self, which: str) -> Shard:
+        """Where this rank's piece of A or B lies (SPEC [LORA-FWD-2])."""
+        return shard_of(which, self.kind, stride=self.stride)
+
     def _piece(self, full: torch.Tensor, which: str) -> torch.Tensor:
-        if self.kind == "none" or self.size == 1:
-            return full
-        if which == "A":
-            return Context.piece(full, 0 if self.kind == "column" else 1, self.index, self.size)
-        return Context.piece(full, 0, self.index, self.size, self.stride if self.kind == "column" else 1)
+        return piece(full, self.shard(which), self.index, self.size)
 
     def local_shapes(self) -> tuple[tuple, tuple]:
         (r, i), (o, _) = self.full_shapes
@@ -170,15 +180,9 @@ class AdapterPlan:
 
     def gather(self, ctx, local: torch.Tensor, which: str) -> torch.Tensor:
         """The full tensor (or stack) from this rank's shard `local` of A or B."""
-        if self.kind == "none" or self.size == 1:
+        if self.size == 1:
             return local.detach().clone()
-        stacked = self.experts is not None
-        if which == "A":
-            dim = 0 if self.kind == "column" else 1
-            stride = 1
-        else:
-            dim, stride = 0, self.stride if self.kind == "column" else 1
-        return ctx.gather(local, dim + 1 if stacked else dim, self.group, stride)
+        return gather(local, self.shard(which), self.group, offset=1 if self.experts is not None else 0)
 
 
 def adapter_plan(name: str, spec: ModelSpec, groups, dim: int, *, normalize: bool = False,

@@ -5,17 +5,35 @@
     def column_forward_matches_full_math(ctx, backend, ex):
         ...   # raise AssertionError (or use ctx.assert_close) when the backend is wrong
 
-A property's id is "<section>.<function name>", its section the module it lives in
-(conformance/properties/<section>.py, one module per SPEC section). An example is a dict of plain
-values (ints, bools, strings), so a failing one can be printed as JSON and replayed with --replay.
+A property's id is "<section>.<function name>", its section the module it lives in:
+conformance/properties/<section>.py, one module per SPEC.md section (`SECTIONS`, in SPEC's order,
+which is also the order properties run and reports list them). An example is a dict of plain values
+(ints, bools, strings), so a failing one can be printed as JSON and replayed with --replay.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 PROPERTIES: list["Property"] = []
+
+# Property module -> its SPEC.md section heading ("## N. Title"), in SPEC's order.
+SECTIONS = {
+    "parallel": "1. Parallel runtime and layers",
+    "config": "2. Configuration",
+    "matching": "3. Matching",
+    "forward": "4. The adapter: forward",
+    "backward": "5. The adapter: backward",
+    "init": "6. Initialization",
+    "dtype": "7. dtype",
+    "injection": "8. Injection and freezing",
+    "merge": "9. Merge",
+    "moe": "10. Mixture of experts",
+    "vlm": "11. Vision-language models",
+    "errors": "12. Errors",
+}
 
 
 @dataclass
@@ -40,6 +58,8 @@ def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_w
 
     def register(fn):
         section = fn.__module__.rsplit(".", 1)[-1]
+        if section not in SECTIONS:
+            raise ValueError(f"property module {section!r} is not a SPEC section; sections: {list(SECTIONS)}")
         PROPERTIES.append(Property(
             id=f"{section}.{fn.__name__}", section=section, clauses=tuple(clauses),
             needs=frozenset(needs), strategy=strategy, fn=fn, doc=(fn.__doc__ or "").strip(),
@@ -50,12 +70,9 @@ def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_w
 
 
 def load_all() -> list[Property]:
-    """Import every property module (each registers its properties) and return them in order."""
-    import importlib
-    import pkgutil
-
-    from . import properties
-
-    for info in sorted(pkgutil.iter_modules(properties.__path__), key=lambda i: i.name):
-        importlib.import_module(f"{properties.__name__}.{info.name}")
-    return list(PROPERTIES)
+    """Import every property module (each registers its properties); SPEC's section order, then the
+    order of definition within a module."""
+    for section in SECTIONS:
+        importlib.import_module(f"{__package__}.properties.{section}")
+    order = list(SECTIONS)
+    return sorted(PROPERTIES, key=lambda p: order.index(p.section))

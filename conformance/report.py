@@ -8,6 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 from xml.etree import ElementTree
 
+from .registry import SECTIONS
 from .runner import FAIL, NA, PASS, SKIP, XFAIL, XPASS
 
 STATUSES = (PASS, FAIL, XFAIL, XPASS, SKIP, NA)
@@ -15,8 +16,9 @@ CLAUSE_ORDER = (FAIL, XPASS, XFAIL, PASS, SKIP, NA)   # a clause takes the first
 
 
 def by_section(outcomes) -> "OrderedDict[str, dict[str, int]]":
+    """section (property module) -> status counts, in SPEC's section order."""
     table: OrderedDict[str, dict[str, int]] = OrderedDict()
-    for o in outcomes:
+    for o in sorted(outcomes, key=lambda o: list(SECTIONS).index(o.property.section)):
         row = table.setdefault(o.property.section, {s: 0 for s in STATUSES})
         row[o.status] += 1
     return table
@@ -43,7 +45,7 @@ def _clause_key(clause: str):
 def summary_text(outcomes, header: dict) -> str:
     lines = ["", "Summary by SPEC section", ""]
     columns = ["section", *STATUSES]
-    rows = [[section, *(str(counts[s]) for s in STATUSES)] for section, counts in by_section(outcomes).items()]
+    rows = [[SECTIONS[section], *(str(counts[s]) for s in STATUSES)] for section, counts in by_section(outcomes).items()]
     totals = ["total", *(str(sum(1 for o in outcomes if o.status == s)) for s in STATUSES)]
     widths = [max(len(r[i]) for r in [columns, *rows, totals]) for i in range(len(columns))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -99,7 +101,7 @@ def markdown(outcomes, header: dict) -> str:
              f"profile {header.get('profile')}, seed {header.get('seed')})", "",
              "| section | " + " | ".join(STATUSES) + " |", "|---|" + "---|" * len(STATUSES)]
     for section, counts in by_section(outcomes).items():
-        lines.append(f"| {section} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
+        lines.append(f"| {SECTIONS[section]} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
     lines += ["", "| clause | verdict | properties |", "|---|---|---|"]
     for clause, verdict in clause_verdicts(outcomes).items():
         lines.append(f"| {clause} | {verdict['status']} | {', '.join(verdict['properties'])} |")

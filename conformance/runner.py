@@ -23,6 +23,8 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis.errors import Flaky, HypothesisException
 from hypothesis.internal.conjecture import engine as _hypothesis_engine
 
+from reference.parallel import destroy_model_parallel
+
 from .agreement import all_gather_json
 from .registry import Property
 
@@ -175,10 +177,6 @@ def _first_lines(text: str, limit: int = 40) -> str:
 
 def recover_groups(ctx, backend) -> None:
     """After a timed-out collective: drop cached groups so the next layout creates fresh ones."""
-    from reference.parallel import destroy_model_parallel
-
     destroy_model_parallel(forget_groups=True)
-    reset = getattr(backend, "reset_parallel", None)
-    if reset is not None:
-        reset()
+    backend.reset_parallel()
     dist.barrier(group=ctx.control_group)

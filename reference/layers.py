@@ -21,6 +21,9 @@ explicit_expert_comm=True (MoE experts, over the expert-TP group): the layer com
 the token dispatcher has already gathered the input and its combine step sums the row layer's
 partial outputs (and reduces the input gradients). Parameters are initialized on the full matrix (see
 init.py) and sharded, so the gathered weight does not depend on t.
+
+Each layer checks its arguments once and keeps them as its `layout` (reference/layout.py); its
+tp_group, tp_size, sequence_parallel, ... attributes read the layout, and adapters are built from it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import check_init_method, init_full_weight
+from .layout import BaseLayout, from_layout
 from .parallel import (
     check_divisible,
     copy_to_tensor_parallel_region,
@@ -38,9 +42,9 @@ from .parallel import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     gather_shards,
-    get_parallel_state,
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
+    resolve_tp_group,
     scatter_to_tensor_parallel_region,
     shard,
 )
@@ -67,31 +71,63 @@ def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
         check_divisible(f"{layer}: sequence length (dim 0) of {name}", x.shape[0], tp_size, "the TP size")
 
 
+def _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_output, stride,
+                   explicit_expert_comm) -> BaseLayout:
+    """A ColumnParallelLinear's checked layout; the TP group is resolved here, once."""
+    group = resolve_tp_group(tp_group)
+    _check_size("output_size", output_size)
+    check_divisible("output_size", output_size, dist.get_world_size(group) * stride, "tp_size * stride")
+    if gather_output and stride != 1:
+        # The gathered output would be [part0_0, part1_0, part0_1, ...], not [part0; part1].
+        raise ValueError("gather_output=True requires stride=1 (allowed: gather_output=False with any stride)")
+    if explicit_expert_comm and (gather_output or sequence_parallel):
+        raise ValueError("explicit_expert_comm=True allows neither gather_output nor sequence_parallel")
+    _check_size("input_size", input_size)
+    _check_size("stride", stride)
+    return BaseLayout.over("column", input_size, output_size, group, sequence_parallel=bool(sequence_parallel),
+                           gather_output=bool(gather_output), stride=stride,
+                           explicit_expert_comm=bool(explicit_expert_comm))
+
+
+def _row_layout(input_size, output_size, tp_group, sequence_parallel, input_is_parallel,
+                explicit_expert_comm, bias) -> BaseLayout:
+    """A RowParallelLinear's checked layout (`bias` only for the expert check); the group resolved once."""
+    group = resolve_tp_group(tp_group)
+    _check_size("input_size", input_size)
+    check_divisible("input_size", input_size, dist.get_world_size(group), "the TP size")
+    if sequence_parallel and not input_is_parallel:
+        raise ValueError("sequence_parallel=True requires input_is_parallel=True (allowed: "
+                         "input_is_parallel=True, or sequence_parallel=False)")
+    if explicit_expert_comm and (bias or sequence_parallel or not input_is_parallel):
+        raise ValueError("explicit_expert_comm=True requires bias=False, sequence_parallel=False "
+                         "and input_is_parallel=True (its output is a partial sum)")
+    _check_size("output_size", output_size)
+    return BaseLayout.over("row", input_size, output_size, group, sequence_parallel=bool(sequence_parallel),
+                           input_is_parallel=bool(input_is_parallel),
+                           explicit_expert_comm=bool(explicit_expert_comm))
+
+
 class _ParallelLinear(nn.Module):
-    """What both layers share: groups, sizes, parameters and the full/shard conversion."""
+    """What both layers share: the layout, parameters and the full/shard conversion."""
 
     parallel_mode: str  # "column" or "row"
     weight_shard_dim: int  # the dim of W that is split across ranks
+    # Read from the layout: it is the one copy of what the layer was built with.
+    tp_group, tp_size, tp_rank = from_layout("tp_group"), from_layout("tp_size"), from_layout("tp_rank")
+    input_size, output_size = from_layout("input_size"), from_layout("output_size")
+    sequence_parallel, stride = from_layout("sequence_parallel"), from_layout("stride")
+    explicit_expert_comm = from_layout("explicit_expert_comm")
 
-    def __init__(self, input_size, output_size, *, bias, sequence_parallel, skip_bias_add,
-                 init_method, tp_group, params_dtype, device, stride):
+    def __init__(self, layout: BaseLayout, *, bias, skip_bias_add, init_method, params_dtype, device):
         super().__init__()
-        _check_size("input_size", input_size)
-        _check_size("output_size", output_size)
-        _check_size("stride", stride)
         check_init_method("init_method", init_method)
         if not isinstance(params_dtype, torch.dtype) or not params_dtype.is_floating_point:
             raise ValueError(f"params_dtype must be a floating torch.dtype, got {params_dtype!r}")
-        self.tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
-        self.tp_size = dist.get_world_size(self.tp_group)
-        self.tp_rank = dist.get_rank(self.tp_group)
-        self.input_size, self.output_size = input_size, output_size
-        self.sequence_parallel = bool(sequence_parallel)
+        self.layout = layout
         self.skip_bias_add = bool(skip_bias_add)
-        self.stride = stride
         self.init_method = init_method
+        output_size, input_size = layout.output_size, layout.input_size
         device = default_device() if device is None else torch.device(device)
-
         if init_method == "zero":   # draws nothing from the generator: no need for the full matrix
             shape = [output_size, input_size]
             shape[self.weight_shard_dim] //= self.tp_size
@@ -105,11 +141,9 @@ class _ParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    # Each layer defines _bias_shape, _local_bias and _full_bias: the bias is split like W's rows or whole.
     def _stride(self, dim: int) -> int:
         return self.stride if dim == 0 else 1
-
-    def _bias_shape(self) -> int:
-        raise NotImplementedError
 
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -127,18 +161,12 @@ class _ParallelLinear(nn.Module):
                 raise ValueError(f"bias must have shape {(self.output_size,)}, got {tuple(bias.shape)}")
             self.bias.copy_(self._local_bias(bias.detach().cpu()))
 
-    def _local_bias(self, full_bias: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     @torch.no_grad()
     def full_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The full (weight, bias), gathered on every rank (a collective)."""
         dim = self.weight_shard_dim
         weight = gather_shards(self.weight, dim, self.tp_group, self._stride(dim))
         return weight, self._full_bias()
-
-    def _full_bias(self) -> torch.Tensor | None:
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, output_size={self.output_size}, "
@@ -151,29 +179,41 @@ class ColumnParallelLinear(_ParallelLinear):
 
     stride > 1 keeps `stride` stacked blocks of the output (e.g. [gate; up] of a gated MLP) whole on
     each rank: rank r holds [gate_r; up_r], and the full weight stays [gate; up] at any TP size.
+
+    Args:
+        input_size (int): in, the full input size.
+        output_size (int): out, the full output size; divisible by tp_size * stride.
+        bias (bool): add a bias b (out), split like the rows of W. Default: True.
+        gather_output (bool): all-gather the output to (s, b, out); needs stride=1. Default: False.
+        sequence_parallel (bool): the input is a sequence shard (s/t, b, in), all-gathered first.
+            Default: False.
+        skip_bias_add (bool): return the bias for the caller to add instead of adding it. Default: False.
+        init_method (str): xavier, kaiming, normal or zero, on the full W (reference/init.py).
+            Default: "xavier".
+        tp_group (dist.ProcessGroup | None): None: the current TP group. Default: None.
+        params_dtype (torch.dtype): a floating dtype for W and b. Default: torch.float32.
+        device (torch.device | str | None): None: default_device(). Default: None.
+        stride (int): stacked output blocks kept whole per rank. Default: 1.
+        explicit_expert_comm (bool): a MoE expert over the expert-TP group: no communication (no
+            gather_output, no sequence_parallel). Default: False.
+
+    Raises:
+        ValueError: naming the argument that is out of range or does not divide.
     """
 
     parallel_mode = "column"
     weight_shard_dim = 0
+    gather_output = from_layout("gather_output")
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
                  params_dtype: torch.dtype = torch.float32, device=None, stride: int = 1,
                  explicit_expert_comm: bool = False):
-        tp_size = dist.get_world_size(get_parallel_state().tp_group if tp_group is None else tp_group)
-        _check_size("output_size", output_size)
-        check_divisible("output_size", output_size, tp_size * stride, "tp_size * stride")
-        if gather_output and stride != 1:
-            # The gathered output would be [part0_0, part1_0, part0_1, ...], not [part0; part1].
-            raise ValueError("gather_output=True requires stride=1 (allowed: gather_output=False with any stride)")
-        if explicit_expert_comm and (gather_output or sequence_parallel):
-            raise ValueError("explicit_expert_comm=True allows neither gather_output nor sequence_parallel")
-        self.gather_output = bool(gather_output)
-        self.explicit_expert_comm = bool(explicit_expert_comm)
-        super().__init__(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
-                         skip_bias_add=skip_bias_add, init_method=init_method, tp_group=tp_group,
-                         params_dtype=params_dtype, device=device, stride=stride)
+        layout = _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_output, stride,
+                                explicit_expert_comm)
+        super().__init__(layout, bias=bias, skip_bias_add=skip_bias_add, init_method=init_method,
+                         params_dtype=params_dtype, device=device)
         self.output_size_per_partition = output_size // self.tp_size
 
     def _bias_shape(self) -> int:
@@ -208,29 +248,40 @@ class ColumnParallelLinear(_ParallelLinear):
 
 
 class RowParallelLinear(_ParallelLinear):
-    """y = sum_r x_r W_r^T + b, W split by input columns; see the module docstring."""
+    """y = sum_r x_r W_r^T + b, W split by input columns; see the module docstring.
+
+    Args:
+        input_size (int): in, the full input size; divisible by the TP size.
+        output_size (int): out, the full output size.
+        bias (bool): add a bias b (out), whole on every rank, once after the reduction. Default: True.
+        input_is_parallel (bool): the input is already split (s, b, in/t); False: it is (s, b, in) and
+            each rank takes its slice. Default: True.
+        sequence_parallel (bool): reduce-scatter the output to (s/t, b, out) instead of all-reducing;
+            needs input_is_parallel. Default: False.
+        skip_bias_add (bool): return the bias for the caller to add instead of adding it. Default: False.
+        init_method (str): xavier, kaiming, normal or zero, on the full W. Default: "xavier".
+        tp_group (dist.ProcessGroup | None): None: the current TP group. Default: None.
+        params_dtype (torch.dtype): a floating dtype for W and b. Default: torch.float32.
+        device (torch.device | str | None): None: default_device(). Default: None.
+        explicit_expert_comm (bool): a MoE expert: the output stays a partial sum for the MoE combine
+            (needs bias=False, no sequence_parallel, input_is_parallel). Default: False.
+
+    Raises:
+        ValueError: naming the argument that is out of range or does not divide.
+    """
 
     parallel_mode = "row"
     weight_shard_dim = 1
+    input_is_parallel = from_layout("input_is_parallel")
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
                  skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
                  params_dtype: torch.dtype = torch.float32, device=None, explicit_expert_comm: bool = False):
-        tp_size = dist.get_world_size(get_parallel_state().tp_group if tp_group is None else tp_group)
-        _check_size("input_size", input_size)
-        check_divisible("input_size", input_size, tp_size, "the TP size")
-        if sequence_parallel and not input_is_parallel:
-            raise ValueError("sequence_parallel=True requires input_is_parallel=True (allowed: "
-                             "input_is_parallel=True, or sequence_parallel=False)")
-        if explicit_expert_comm and (bias or sequence_parallel or not input_is_parallel):
-            raise ValueError("explicit_expert_comm=True requires bias=False, sequence_parallel=False "
-                             "and input_is_parallel=True (its output is a partial sum)")
-        self.input_is_parallel = bool(input_is_parallel)
-        self.explicit_expert_comm = bool(explicit_expert_comm)
-        super().__init__(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
-                         skip_bias_add=skip_bias_add, init_method=init_method, tp_group=tp_group,
-                         params_dtype=params_dtype, device=device, stride=1)
+        layout = _row_layout(input_size, output_size, tp_group, sequence_parallel, input_is_parallel,
+                             explicit_expert_comm, bias)
+        super().__init__(layout, bias=bias, skip_bias_add=skip_bias_add, init_method=init_method,
+                         params_dtype=params_dtype, device=device)
         self.input_size_per_partition = input_size // self.tp_size
 
     def _bias_shape(self) -> int:

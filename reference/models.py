@@ -31,7 +31,7 @@ from .moe import MoELayer
 from .parallel import (
     check_divisible,
     default_device,
-    get_parallel_state,
+    resolve_tp_group,
     scatter_to_sequence_parallel_region,
 )
 
@@ -174,12 +174,22 @@ class TransformerBlock(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """forward(input_ids (b, s)) -> logits (b, s, vocab), the same full logits on every rank."""
+    """forward(input_ids (b, s)) -> logits (b, s, vocab), the same full logits on every rank.
+
+    Args:
+        config (TinyGPTConfig | None): the sizes and options; None: TinyGPTConfig(). Default: None.
+        seed (int): every weight is drawn from this seed in a forked RNG. Default: 0.
+        tp_group (dist.ProcessGroup | None): None: the current TP group. Default: None.
+        device (torch.device | str | None): None: default_device(). Default: None.
+
+    Raises:
+        ValueError: a config that cannot run at this TP size (TinyGPTConfig.check).
+    """
 
     def __init__(self, config: TinyGPTConfig | None = None, *, seed: int = 0, tp_group=None, device=None):
         super().__init__()
         config = TinyGPTConfig() if config is None else config
-        tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
+        tp_group = resolve_tp_group(tp_group)
         self.tp_size = torch.distributed.get_world_size(tp_group)
         config.check(self.tp_size)
         self.config, self.tp_group = config, tp_group
@@ -249,6 +259,15 @@ class TinyVLM(nn.Module):
 
     forward(patches (b, n, patch_dim), input_ids (b, s)) -> logits (b, n + s, vocab).
     Sequence parallelism is not used here (the parts are small); TP is.
+
+    Args:
+        language_config (TinyGPTConfig | None): the language model's config (sequence_parallel off);
+            None: TinyGPTConfig(). Default: None.
+        vision_hidden_size (int): h_v of the vision model. Default: 16.
+        patch_dim (int): the size of one input patch. Default: 12.
+        seed (int): vision parts from `seed`, the language model from seed + 1. Default: 0.
+        tp_group (dist.ProcessGroup | None): None: the current TP group. Default: None.
+        device (torch.device | str | None): None: default_device(). Default: None.
     """
 
     def __init__(self, language_config: TinyGPTConfig | None = None, *, vision_hidden_size: int = 16,
@@ -257,7 +276,7 @@ class TinyVLM(nn.Module):
         language_config = TinyGPTConfig() if language_config is None else language_config
         if language_config.sequence_parallel:
             raise ValueError("TinyVLM does not use sequence_parallel (allowed: sequence_parallel=False)")
-        tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
+        tp_group = resolve_tp_group(tp_group)
         device = default_device() if device is None else torch.device(device)
         dtype = language_config.params_dtype
         vision_config = TinyGPTConfig(hidden_size=vision_hidden_size, num_layers=1,

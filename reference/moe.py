@@ -1,6 +1,6 @@
 """A minimal mixture-of-experts MLP with Megatron's names, expert parallelism and expert TP.
 
-    mlp.router                                  TopKRouter: logits = x Wᵀ (E experts), top-k, softmax
+    mlp.router                                  TopKRouter (reference/router.py): x Wᵀ, top-k, softmax
     mlp.experts.linear_fc1 / linear_fc2         grouped experts: one module holds all local experts
     mlp.experts.local_experts.N.linear_fc1/fc2  sequential experts: one module per local expert
     mlp.shared_experts.linear_fc1 / linear_fc2  optional dense MLP applied to every token
@@ -30,47 +30,37 @@ from torch import nn
 
 from .init import init_full_weight
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .layout import BaseLayout, from_layout
 from .parallel import (
     gather_from_sequence_parallel_region,
     gather_shards,
     get_parallel_state,
     reduce_scatter_to_sequence_parallel_region,
+    resolve_tp_group,
     shard,
 )
-
-
-class TopKRouter(nn.Module):
-    """Scores E experts per token: logits = x Wᵀ, keep the top k, softmax over those k.
-
-    The weight (E, h) is replicated. forward(x (T, h)) -> probs (T, k), expert indices (T, k).
-    """
-
-    def __init__(self, hidden_size: int, num_experts: int, topk: int, *, tp_group=None,
-                 sequence_parallel: bool = False, device=None, dtype=torch.float32):
-        super().__init__()
-        self.in_features, self.out_features, self.moe_router_topk = hidden_size, num_experts, topk
-        # Under SP each TP rank routes only its own sequence shard (see finalize_lora_grads).
-        self.tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
-        self.sequence_parallel = sequence_parallel
-        self.weight = nn.Parameter(init_full_weight((num_experts, hidden_size), "xavier").to(device=device, dtype=dtype))
-
-    def gating(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)                                     # (T, E)
-
-    def routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top_logits, indices = torch.topk(logits, self.moe_router_topk, dim=-1)   # (T, k)
-        return torch.softmax(top_logits, dim=-1), indices
-
-    def forward(self, x: torch.Tensor):
-        return self.routing(self.gating(x))
+from .router import TopKRouter
 
 
 class GroupedLinear(nn.Module):
     """The same linear for every local expert, weights stacked: weight (E_local, out_shard, in_shard).
 
     parallel_mode "column" splits each expert's rows (out) over the expert-TP group, "row" its columns
-    (in). forward(x, e) = x W_eᵀ with no communication: the dispatcher gathers and combines.
+    (in). forward(x, e) = x W_eᵀ with no communication: the dispatcher gathers and combines. Its
+    `layout` (an explicit_expert_comm layout over the expert-TP group) is what its adapter is built from.
+
+    Args:
+        local_weights (torch.Tensor): (E_local, out/t, in) for column, (E_local, out, in/t) for row.
+        input_size, output_size (int): one expert's full in and out.
+        parallel_mode (str): "column" or "row".
+        tp_group, ep_group (dist.ProcessGroup): the expert-TP and the expert-parallel group.
+        local_expert_ids (list[int]), num_experts (int): this rank's global expert ids, and E.
+        stride (int): stacked output blocks kept whole per rank (column only). Default: 1.
+        moe_router_topk (int | None): k, for the expert adapters' rank. Default: None.
     """
+
+    tp_group, tp_size, tp_rank = from_layout("tp_group"), from_layout("tp_size"), from_layout("tp_rank")
+    input_size, output_size, stride = from_layout("input_size"), from_layout("output_size"), from_layout("stride")
 
     def __init__(self, local_weights: torch.Tensor, *, input_size: int, output_size: int, parallel_mode: str,
                  tp_group, ep_group, local_expert_ids: list[int], num_experts: int, stride: int = 1,
@@ -78,9 +68,11 @@ class GroupedLinear(nn.Module):
         super().__init__()
         # Where the local experts sit among all experts (expert adapters need it).
         self.ep_group, self.local_expert_ids, self.num_experts = ep_group, list(local_expert_ids), num_experts
-        self.input_size, self.output_size, self.parallel_mode = input_size, output_size, parallel_mode
-        self.tp_group, self.stride, self.moe_router_topk = tp_group, stride, moe_router_topk
-        self.tp_size, self.tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        self.parallel_mode, self.moe_router_topk = parallel_mode, moe_router_topk
+        # The expert-TP group is always given (never the dense TP group that None would mean elsewhere).
+        self.layout = BaseLayout(parallel_mode, input_size, output_size, tp_group, dist.get_world_size(tp_group),
+                                 dist.get_rank(tp_group), stride=stride if parallel_mode == "column" else 1,
+                                 explicit_expert_comm=True)
         self.num_local_experts = local_weights.shape[0]
         self.weight = nn.Parameter(local_weights)
 
@@ -99,13 +91,12 @@ class GroupedLinear(nn.Module):
             raise ValueError(f"weights must have shape {expected}, got {tuple(weights.shape)}")
         for e in range(self.num_local_experts):
             self.weight[e].copy_(shard(weights[e].detach().cpu(), self.weight_shard_dim, self.tp_rank,
-                                       self.tp_size, self.stride if self.parallel_mode == "column" else 1))
+                                       self.tp_size, self.stride))
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
         """(E_local, out, in), gathered over the expert-TP group."""
-        stride = self.stride if self.parallel_mode == "column" else 1
-        return torch.stack([gather_shards(self.weight[e], self.weight_shard_dim, self.tp_group, stride)
+        return torch.stack([gather_shards(self.weight[e], self.weight_shard_dim, self.tp_group, self.stride)
                             for e in range(self.num_local_experts)])
 
     def extra_repr(self) -> str:
@@ -268,14 +259,24 @@ class SharedExpertMLP(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """router -> experts (+ shared experts). forward(x (s', b, h)) -> (y (s', b, h), None)."""
+    """router -> experts (+ shared experts). forward(x (s', b, h)) -> (y (s', b, h), None).
+
+    Args:
+        hidden_size, ffn_hidden_size (int): h and the experts' ffn size.
+        num_experts (int): E, divisible by the EP size.  topk (int): k in [1, E].
+        grouped (bool): GroupedMLP (True) or SequentialMLP (local_experts.N). Default: True.
+        gated (bool): SwiGLU experts (fc1 -> [gate; up]). Default: False.
+        shared_expert_size (int | None): the ffn size of a shared expert MLP, if any. Default: None.
+        tp_group (dist.ProcessGroup | None): the dense TP group; None: the current one. Default: None.
+        sequence_parallel (bool): required when the TP size is > 1. Default: False.
+        device (torch.device | str | None), dtype (torch.dtype): of the weights. Default: None, float32.
+    """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, topk: int, *,
                  grouped: bool = True, gated: bool = False, shared_expert_size: int | None = None,
                  tp_group=None, sequence_parallel: bool = False, device=None, dtype=torch.float32):
         super().__init__()
-        state = get_parallel_state()
-        tp_group = state.tp_group if tp_group is None else tp_group
+        tp_group = resolve_tp_group(tp_group)
         if dist.get_world_size(tp_group) > 1 and not sequence_parallel:
             # Without SP the TP ranks hold copies of the same tokens and the experts would count each
             # token once per TP rank in their gradients (Megatron requires SP here too).
@@ -298,23 +299,3 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out, None
-
-
-def dense_moe_reference(x: torch.Tensor, router_weight: torch.Tensor, experts, topk: int, gated: bool,
-                        shared=None) -> torch.Tensor:
-    """The same math in one process, float64, no parallelism: for tests.
-
-    experts: [(fc1, fc2)] full weights; shared: (fc1, fc2) or None. x: (s, b, h).
-    """
-    tokens = x.reshape(-1, x.shape[-1]).double()
-    logits = tokens @ router_weight.double().T
-    top, idx = torch.topk(logits, topk, dim=-1)
-    probs = torch.softmax(top, dim=-1)
-    out = torch.zeros_like(tokens)
-    for e, (fc1, fc2) in enumerate(experts):
-        rows, slot = (idx == e).nonzero(as_tuple=True)
-        hidden = _activation(tokens[rows] @ fc1.double().T, gated)
-        out.index_add_(0, rows, (hidden @ fc2.double().T) * probs[rows, slot].unsqueeze(-1))
-    if shared is not None:
-        out = out + F.gelu(tokens @ shared[0].double().T) @ shared[1].double().T
-    return out.view(x.shape)

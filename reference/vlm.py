@@ -26,6 +26,20 @@ VLM_PARTS = ("vision_model", "vision_projection", "language_model")
 
 @dataclass
 class VLMLoRA(LoRA):
+    """LoRA that freezes only the flagged parts of a VLM (see the module docstring).
+
+        model = VLMLoRA(dim=8, freeze_language_model=False)(model)   # the language model trains in full
+
+    Args:
+        freeze_vision_model (bool): freeze `vision_model` before adding adapters. Default: True.
+        freeze_vision_projection (bool): freeze `vision_projection`. Default: True.
+        freeze_language_model (bool): freeze `language_model`. Default: True.
+        **fields: LoRA's fields (target_modules, dim, alpha, ...), with LoRA's defaults.
+
+    Raises:
+        TypeError: a freeze flag that is not a bool (and LoRA's own checks).
+    """
+
     freeze_vision_model: bool = True
     freeze_vision_projection: bool = True
     freeze_language_model: bool = True
@@ -37,7 +51,12 @@ class VLMLoRA(LoRA):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def freeze_model(self, model, training: bool = True) -> None:
-        """Freeze the flagged parts of each chunk (looking inside `llava_model` if present)."""
+        """Freeze the flagged parts of each chunk (looking inside `llava_model` if present).
+
+        Args:
+            model (nn.Module | list[nn.Module]): the VLM or its pipeline chunks.
+            training (bool): put each chunk in train mode (else leave its mode). Default: True.
+        """
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         flags = (self.freeze_vision_model, self.freeze_vision_projection, self.freeze_language_model)
         for chunk in chunks:

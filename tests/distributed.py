@@ -24,6 +24,10 @@ import socket
 import time
 import traceback
 
+import torch
+
+import reference
+
 BACKEND = os.environ.get("TP_LORA_TEST_BACKEND", "gloo")
 COLLECTIVE_TIMEOUT_S = 60.0
 DEFAULT_TIMEOUT_S = 120.0
@@ -42,11 +46,7 @@ def _free_port() -> int:
 def _worker_main(rank: int, world_size: int, port: int, backend: str, tasks, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
     torch.set_num_threads(1)  # N ranks share a few cores: one thread each avoids oversubscription
-    import reference
-
     try:
         reference.init_distributed(backend=backend, timeout_s=COLLECTIVE_TIMEOUT_S)
         results.put(("ready", rank, True, None))

@@ -5,16 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from conformance.layout import TOLERANCES, Shard, gather, piece
 from reference.parallel import default_device, initialize_model_parallel
-
-# Tolerances by dtype, as torch.testing.assert_close uses them (rtol, atol).
-TOLERANCES = {
-    torch.float64: (1e-7, 1e-7),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float16: (1e-3, 1e-5),
-}
-
 
 def device() -> torch.device:
     return default_device()
@@ -32,29 +24,26 @@ def seeded(shape, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, scale: float = 1.0, msg: str = ""):
-    """assert_close with the tolerances of `dtype` (default: actual's), widened by `scale`."""
+    """assert_close with the tolerances of `dtype` (default: actual's), widened by `scale`: the suite's
+    table (conformance/layout.py), so that "equal" means the same in the tests and in the suite."""
     rtol, atol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.to(expected.dtype).to(expected.device), expected,
                                rtol=rtol * scale, atol=atol * scale, msg=msg or None)
 
 
 def chunk(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    return x.chunk(size, dim=dim)[rank]
+    """Rank `rank`'s piece of `x` split along `dim` (the suite's layout code: conformance/layout.py)."""
+    return piece(x, Shard(dim), rank, size)
 
 
 def strided_chunk(x: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
-    """Rank `rank`'s part of a [part_0; ...; part_{stride-1}] tensor along `dim` (see
-    reference.parallel.sharding)."""
-    return torch.cat([chunk(part, dim, rank, size) for part in x.chunk(stride, dim=dim)], dim=dim)
+    """Rank `rank`'s part of a [part_0; ...; part_{stride-1}] tensor along `dim` (SPEC [TP-COL-1])."""
+    return piece(x, Shard(dim, stride), rank, size)
 
 
 def gather_full(local: torch.Tensor, dim: int, group, stride: int = 1) -> torch.Tensor:
     """The full tensor from every rank's (strided) shard, with plain torch.distributed (no autograd)."""
-    size = dist.get_world_size(group)
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    per_rank = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([torch.cat([pr[k] for pr in per_rank], dim=dim) for k in range(stride)], dim=dim)
+    return gather(local, Shard(dim, stride), group)
 
 
 def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:

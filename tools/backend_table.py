@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from spec_trace import spec_clauses  # noqa: E402
 
-from conformance import deviations  # noqa: E402
+from conformance import declared as deviations  # noqa: E402
 from conformance.registry import load_all  # noqa: E402
 
 WORDS = {"passed": "passed", "xfailed": "deviates (declared)", "failed": "**failed**", "xpassed": "**xpassed**",

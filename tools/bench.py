@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reference  # noqa: E402
 from reference import parallel  # noqa: E402
 from reference.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from conformance.backend import LinearSpec  # noqa: E402
+from conformance.backends.megatron_bridge import MegatronBridgeBackend  # noqa: E402
 
 TOKENS = 8192
 
@@ -130,9 +132,6 @@ def bench_reference(kind, h, ffn, r, t, args, device, dtype):
 
 
 def bench_megatron_bridge(kind, h, ffn, r, t, args, device, dtype):
-    from conformance.backend import LinearSpec
-    from conformance.backends.megatron_bridge import MegatronBridgeBackend
-
     backend = MegatronBridgeBackend()
     groups = backend.init_parallel(t)
     in_f, out_f = (h, ffn) if kind == "column" else (ffn, h)

@@ -1,16 +1,18 @@
 """Count the collectives (and their sizes) of one forward + backward step of a LoRA layer.
 
-    torchrun --standalone --nproc-per-node 2 tools/count_collectives.py
+    torchrun --standalone --nproc-per-node 2 tools/count_collectives.py [--json]
 
 For each base kind and layout it prints, for the frozen base alone, for LoRA with the adapter
 communicating on its own (Megatron-Bridge's way), and for LoRA sharing the base's collectives (the
 reference's default, LoRALinear.share_communication): the number of collectives and the elements
 they move. "Activation-sized" ones move at least s·b·min(in, out)/t elements; the others move
-rank-sized tensors (s·b·r).
+rank-sized tensors (s·b·r). With --json, rank 0 prints the rows as one JSON list instead (the
+project's test of [LORA-FWD-7] reads it).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -56,7 +58,9 @@ def main() -> int:
         for sp in (False, True):
             for lora in ("none", "separate", "shared"):
                 rows.append((kind, sp, lora, one_step(kind, sp, lora, tp_group=state.tp_group)))
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and "--json" in sys.argv[1:]:
+        print(json.dumps([{"kind": kind, "sp": sp, "lora": lora, **c} for kind, sp, lora, c in rows]))
+    elif dist.get_rank() == 0:
         print(f"TP = {state.tp_size}; s=8, b=2, h=16, ffn=32, r=4")
         print(f"{'base':<7} {'SP':<5} {'LoRA':<9} {'collectives':>11} {'activation-sized':>16} {'elements':>9}  ops")
         for kind, sp, lora, c in rows:

@@ -32,9 +32,12 @@ import types
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..backend import Backend, Groups, LinearSpec, ModelSpec
+import reference
+from reference.layers import ColumnParallelLinear, RowParallelLinear
+from reference.parallel import shard
+
+from ..backend import Backend, Groups, LinearSpec, ModelSpec, plain_linear
 
 _MEGATRON = None
 
@@ -116,8 +119,6 @@ def _parallel_state_globals(state) -> dict:
 
 
 def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
-    from reference.parallel import shard
-
     return shard(full.detach().cpu(), dim, rank, size, stride)
 
 
@@ -178,13 +179,7 @@ class MegatronBridgeBackend(Backend):
         groups = spec.groups or self.init_parallel(1)
         device = torch.device("cuda", torch.cuda.current_device())
         if spec.kind == "linear":
-            layer = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias is not None, dtype=spec.dtype,
-                              device=device)
-            with torch.no_grad():
-                layer.weight.copy_(spec.weight)
-                if spec.bias is not None:
-                    layer.bias.copy_(spec.bias)
-            return layer
+            return plain_linear(spec, device)
         config = self._config(groups.tp_size, spec.sequence_parallel, spec.dtype)
         zeros = torch.nn.init.zeros_
         if spec.kind == "column":
@@ -210,9 +205,6 @@ class MegatronBridgeBackend(Backend):
         megatron-core's, carrying the same full weights."""
         if spec.kind not in ("gpt", "vlm"):
             raise NotImplementedError(f"no {spec.kind} model for Megatron-Bridge here")
-        import reference
-        from reference.layers import ColumnParallelLinear, RowParallelLinear
-
         groups = self.init_parallel(self._layout[0] if self._layout else 1)
         config = reference.TinyGPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                                          num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,

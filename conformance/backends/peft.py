@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import Backend, Groups, LinearSpec, ModelSpec
+import reference
+from reference import parallel
+
+from ..backend import Backend, Groups, LinearSpec, ModelSpec, plain_linear
 
 ADAPTER = "default"
 
@@ -96,27 +99,17 @@ class PeftBackend(Backend):
         return f"HF PEFT {_peft().__version__} (LoRA on nn.Linear, TP=1), torch {torch.__version__}"
 
     def init_parallel(self, tp, ep=1, etp=None) -> Groups:
-        import reference.parallel as parallel
-
         state = parallel.initialize_model_parallel(1)   # PEFT has no tensor parallelism
         return Groups(state.tp_group, 1, 0)
 
     def make_linear(self, spec: LinearSpec):
         if spec.kind != "linear":
             raise NotImplementedError("PEFT adapts nn.Linear only")
-        layer = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias is not None, dtype=spec.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(spec.weight)
-            if spec.bias is not None:
-                layer.bias.copy_(spec.bias)
-        return layer
+        return plain_linear(spec)
 
     def make_model(self, spec: ModelSpec):
         if spec.kind != "gpt":
             raise NotImplementedError(f"no {spec.kind} model for PEFT")
-        import reference
-        from reference import parallel
-
         parallel.initialize_model_parallel(1)
         config = reference.TinyGPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                                          num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,

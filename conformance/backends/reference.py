@@ -7,8 +7,9 @@ import torch
 import reference
 from reference import parallel
 from reference.layers import ColumnParallelLinear, RowParallelLinear
+from reference.lora import is_lora_wrapper
 
-from ..backend import Backend, Groups, LinearSpec, ModelSpec
+from ..backend import Backend, Groups, LinearSpec, ModelSpec, plain_linear
 
 
 class ReferenceBackend(Backend):
@@ -35,13 +36,7 @@ class ReferenceBackend(Backend):
             layer = RowParallelLinear(spec.in_features, spec.out_features,
                                       input_is_parallel=spec.input_is_parallel, **common)
         else:
-            layer = torch.nn.Linear(spec.in_features, spec.out_features, bias=spec.bias is not None,
-                                    dtype=spec.dtype, device=parallel.default_device())
-            with torch.no_grad():
-                layer.weight.copy_(spec.weight)
-                if spec.bias is not None:
-                    layer.bias.copy_(spec.bias)
-            return layer
+            return plain_linear(spec, parallel.default_device())
         layer.load_full_weight(spec.weight, spec.bias)
         return layer
 
@@ -67,8 +62,6 @@ class ReferenceBackend(Backend):
         return config(model, training=training)
 
     def lora_modules(self, model):
-        from reference.lora.transform import is_lora_wrapper
-
         return {name: m for name, m in model.named_modules() if is_lora_wrapper(m)}
 
     def adapter_weights(self, wrapped):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..layer_case import (adapter_shard_specs, build, expected, fit_to_backend, input_layout, layer_examples,
-                          local_piece, run, term_sizes)
+from ..layer_case import build, expected, fit_to_backend, layer_examples, local_piece, run, term_sizes
+from ..layout import example_shard
 from ..registry import prop
 
 
@@ -14,16 +14,14 @@ def _check_backward(ctx, backend, ex):
     _, _, x = run(ctx, built, X, G)
     want, terms = expected(built, X, G), term_sizes(built, X, G)
     A, B = backend.adapter_weights(built.wrapped)
-    (A_dim, A_stride), (B_dim, B_stride) = adapter_shard_specs(ex, built.groups)
     where = f"{ex['kind']} base, tp={ex['tp']}, sp={ex['sp']}"
     ctx.check(A.grad is not None and B.grad is not None, f"adapter A or B got no gradient ({where})")
-    ctx.assert_close(A.grad, local_piece(ctx, want["dA"], A_dim, built.groups, A_stride), built.dtype,
+    ctx.assert_close(A.grad, local_piece(want["dA"], example_shard("A", ex), built.groups), built.dtype,
                      f"gradient of A ({where})", scale=4, terms=terms["dA"])
-    ctx.assert_close(B.grad, local_piece(ctx, want["dB"], B_dim, built.groups, B_stride), built.dtype,
+    ctx.assert_close(B.grad, local_piece(want["dB"], example_shard("B", ex), built.groups), built.dtype,
                      f"gradient of B ({where})", scale=4, terms=terms["dB"])
-    in_dim, in_stride = input_layout(ex)
     ctx.check(x.grad is not None, f"the input got no gradient ({where})")
-    ctx.assert_close(x.grad, local_piece(ctx, want["dX"], in_dim, built.groups, in_stride), built.dtype,
+    ctx.assert_close(x.grad, local_piece(want["dX"], example_shard("input", ex), built.groups), built.dtype,
                      f"gradient of the input ({where})", scale=4, terms=terms["dX"])
     return built
 

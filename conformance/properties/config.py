@@ -1,29 +1,14 @@
-"""SPEC sections 2 and 12: the LoRA configuration, its validation, and errors raised before any collective."""
+"""SPEC section 2: the LoRA configuration and its validation."""
 
 from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
 
-from ..context import DTYPES, check_group_in_step, raises_everywhere
-from ..layer_case import NAMES, build_base, lora_config, plain_example
-from ..backend import RawLoRAConfig
+from ..configs import SPEC_DEFAULTS, RawLoRAConfig, lora
+from ..layer_case import NAMES
+from ..layout import DTYPES
 from ..registry import prop
-
-DEFAULTS = {
-    "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
-    "exclude_modules": [],
-    "dim": 32,
-    "alpha": 32,
-    "dropout": 0.0,
-    "dropout_position": "pre",
-    "a2a_experimental": False,
-    "lora_A_init_method": "xavier",
-    "lora_B_init_method": "zero",
-    "lora_dtype": None,
-    "normalize_moe_lora": False,
-    "share_expert_adapters": True,
-}
 
 # Valid non-default values per field, and the capability a backend needs to accept them.
 CHOICES = {
@@ -56,18 +41,16 @@ def _same(got, want) -> bool:
 def config_has_the_spec_fields_and_defaults(ctx, backend, overrides):
     """The config the backend builds (validate_config(LoRA(**overrides))) has Megatron-Bridge's
     fields: the overridden values as given, every other field at its SPEC default."""
-    import reference
-
     overrides = {field: value for field, value in overrides.items()
                  if CHOICES[field][0] is None or CHOICES[field][0] in backend.capabilities}
     given = dict(overrides)
     if "lora_dtype" in given:
         given["lora_dtype"] = DTYPES[given["lora_dtype"]]
-    config = backend.validate_config(reference.LoRA(**given))
-    present = [field for field in DEFAULTS if hasattr(config, field)]
+    config = backend.validate_config(lora(**given))
+    present = [field for field in SPEC_DEFAULTS if hasattr(config, field)]
     ctx.check(present, f"validate_config returned a {type(config).__name__} with none of LoRA's fields")
     for field in present:
-        want = given.get(field, DEFAULTS[field])
+        want = given.get(field, SPEC_DEFAULTS[field])
         got = getattr(config, field)
         if isinstance(want, list):
             got = list(got) if isinstance(got, (list, tuple)) else got
@@ -140,38 +123,3 @@ def target_and_exclude_are_exclusive(ctx, backend, drawn):
                 ctx.check(list(getattr(config, field)) == value,
                           f"LoRA(target_modules={target}, exclude_modules={exclude}): {field} became "
                           f"{getattr(config, field)!r}")
-
-
-@st.composite
-def _error_examples(draw, ctx):
-    t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
-    case = draw(st.sampled_from(["column_dim", "row_out", "config"]))
-    kind = "row" if case == "row_out" else "column"
-    ex = plain_example(kind=kind, tp=t, bias=draw(st.booleans()), s=t, alpha=8, seed=draw(st.integers(0, 2**16)),
-                       case=case, dim=t * draw(st.integers(1, 3)),
-                       **{"in": t * draw(st.integers(1, 3)), "out": t * draw(st.integers(1, 3))})
-    if case == "column_dim":
-        ex["dim"] += draw(st.integers(1, t - 1))
-    if case == "row_out":
-        ex["out"] += draw(st.integers(1, t - 1))
-    return ex
-
-
-@prop("LORA-ERR-1", needs={"tp"}, min_world=2, strategy=_error_examples)
-def lora_errors_are_raised_on_every_rank_before_any_collective(ctx, backend, ex):
-    """A LoRA dim not divisible by t on a column base, a row base's out not divisible by t, or a bad
-    config value: the same ValueError on every rank (naming the module, or the field), and the TP
-    group is still in step afterwards."""
-    t, case = ex["tp"], ex["case"]
-    base = build_base(ctx, backend, ex)
-    name = NAMES[ex["kind"]]
-    if case == "config":
-        raises_everywhere(ctx, lambda: backend.validate_config(lora_config(ex, name, dim=-ex["dim"])),
-                          (ValueError,), f"a LoRA config with dim={-ex['dim']}", mentions=("dim",))
-    else:
-        config = backend.validate_config(lora_config(ex, name))
-        what = (f"LoRA dim={ex['dim']} on a column base at tp={t}" if case == "column_dim"
-                else f"LoRA on a row base with out={ex['out']} at tp={t}")
-        raises_everywhere(ctx, lambda: backend.apply_lora(base.container, config, training=True), (ValueError,),
-                          what, mentions=(name,))
-    check_group_in_step(ctx, base.groups.tp_group, t)

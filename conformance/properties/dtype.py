@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..context import DTYPES
-from ..layer_case import build, expected, layer_examples, load_adapter_weights, local_piece, output_layout, run, fit_to_backend
+from ..layer_case import build, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece, run
+from ..layout import DTYPES, example_shard
 from ..registry import prop
 
 # Reduced dtypes first: hypothesis starts from the first choice, and they are the telling case.
@@ -54,5 +54,4 @@ def output_has_the_base_dtype_and_lora_dtype_math(ctx, backend, drawn):
               f"output of the {where} is {getattr(y, 'dtype', type(y).__name__)}, expected the base's {built.dtype}")
     coarser = max((adapter_dtype, built.dtype), key=lambda d: {torch.float64: 0, torch.float32: 1,
                                                                 torch.float16: 2, torch.bfloat16: 3}[d])
-    dim, stride = output_layout(ex)
-    ctx.assert_close(y, local_piece(ctx, Y, dim, built.groups, stride), coarser, f"output of the {where}", scale=2)
+    ctx.assert_close(y, local_piece(Y, example_shard("output", ex), built.groups), coarser, f"output of the {where}", scale=2)

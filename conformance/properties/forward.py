@@ -1,11 +1,29 @@
-"""SPEC section 4: the adapter's forward, against full-matrix float64 math."""
+"""SPEC section 4: the adapter's forward, against full-matrix float64 math.
+
+Dropout ([LORA-FWD-6], the last part of this module): where the adapter's dropout acts, and where it does not.
+
+The update Δ = y - base(x) is observed against the full-math base output. Under "post" dropout acts
+on the adapter's output, elementwise: every element of Δ is 0 or the exact update / (1 - p), a check
+each rank makes on its own output piece (ranks may draw different masks for their shards). Under
+"pre" it acts on the adapter's input, so each token's Δ is s · B (A (m ⊙ x)) / (1 - p): in the column
+space of the full B whatever the masks (with TP the ranks' masked partial products meet before B).
+That needs whole output rows: column outputs are gathered over the TP group first; row and plain
+outputs already hold whole rows. Sizes are chosen so that out >= 2 dim + 2 (the column space is a
+real constraint) and at least 64 elements are dropped at random (some are dropped, some are kept,
+all but surely).
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from hypothesis import strategies as st
 
-from ..layer_case import (build, expected, fit_to_backend, layer_examples, local_piece, output_layout, run,
-                          term_sizes)
+from ..collectives_counter import counting
+from ..layer_case import (build, build_base, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece,
+                          run, term_sizes)
+from ..layout import example_shard, gather
 from ..registry import prop
 
 
@@ -15,13 +33,11 @@ def _check_forward(ctx, backend, ex, what):
     G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
     y, returned_bias, _ = run(ctx, built, X, G)
     want, terms = expected(built, X, G), term_sizes(built, X, G)
-    dim, stride = output_layout(ex)
-    ctx.assert_close(y, local_piece(ctx, want["Y"], dim, built.groups, stride), built.dtype,
+    ctx.assert_close(y, local_piece(want["Y"], example_shard("output", ex), built.groups), built.dtype,
                      f"{what}: output of the LoRA-wrapped {ex['kind']} layer", terms=terms["Y"])
     if ex["skip_bias_add"]:
         ctx.check(returned_bias is not None, "skip_bias_add: the wrapper must return the base's bias, got None")
-        bias_dim = 0 if ex["kind"] == "column" else None
-        ctx.assert_close(returned_bias, local_piece(ctx, built.bias, bias_dim, built.groups, ex["stride"]),
+        ctx.assert_close(returned_bias, local_piece(built.bias, example_shard("bias", ex), built.groups),
                          built.dtype, "the bias returned with skip_bias_add")
     return built
 
@@ -82,17 +98,13 @@ def scale_is_alpha_over_dim(ctx, backend, drawn):
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def lora_adds_no_activation_sized_collective(ctx, backend, ex):
     """A step of the LoRA layer runs no more activation-sized collectives than the base alone."""
-    from ..collectives_counter import counting
-    from ..layer_case import build_base, input_layout
-
     # Sizes where the activations (s·b·in, s·b·out per rank) are clearly larger than h (s·b·r).
     t = ex["tp"]
     ex = dict(ex, dim=t, **{"in": 8 * t, "out": 8 * t * ex["stride"]})
 
     def step(built):
         X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10, dtype=built.dtype)
-        dim, stride = input_layout(ex)
-        x = local_piece(ctx, X, dim, built.groups, stride).clone().requires_grad_(True)
+        x = local_piece(X, example_shard("input", ex), built.groups).clone().requires_grad_(True)
         with counting() as calls:
             out = built.wrapped(x)
             (out[0] if isinstance(out, tuple) else out).float().sum().backward()
@@ -104,3 +116,133 @@ def lora_adds_no_activation_sized_collective(ctx, backend, ex):
     ctx.check(lora_count <= base_count,
               f"LoRA on a {ex['kind']} base (sp={ex['sp']}) runs {lora_count} activation-sized collectives "
               f"per step; the base alone runs {base_count}")
+
+
+# -- dropout [LORA-FWD-6] -------------------------------------------------------------------------
+
+MIN_ELEMENTS = 64
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return multiple * math.ceil(value / multiple)
+
+
+@st.composite
+def dropout_examples(draw, ctx):
+    kinds = ("column", "row", "linear")
+    ex = draw(layer_examples(ctx, kinds=kinds, dtypes=("float32",), dropout=True))
+    t, stride = ex["tp"], ex["stride"]
+    tokens = ex["s"] * ex["b"]
+    block = t * stride
+    # "pre": out > dim (column space of B is a real constraint); enough input elements to drop some.
+    ex["out"] = max(ex["out"], _round_up(2 * ex["dim"] + 2, block))
+    ex["in"] = max(ex["in"], _round_up(math.ceil(MIN_ELEMENTS / tokens), t))
+    # "post": enough elements in every rank's output piece to drop some and keep some.
+    ex["out"] = max(ex["out"], _round_up(math.ceil(MIN_ELEMENTS * t / tokens), block))
+    return ex
+
+
+def _supported(ex, backend):
+    """The example, moved onto what the backend supports (dropout is the point here, not TP or a2a)."""
+    return fit_to_backend(ex, backend)
+
+
+def _train_forward(ctx, backend, ex, **load):
+    built = build(ctx, backend, ex, load_adapter=not load)
+    if load:
+        load_adapter_weights(built, backend, **load)
+    X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
+    G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
+    torch.manual_seed(ex["seed"])          # the same generator state on every rank
+    y, _, _ = run(ctx, built, X, G)
+    return built, X, G, y
+
+
+def _tolerance(reference: torch.Tensor) -> torch.Tensor:
+    return 1e-4 * (1.0 + reference.abs())
+
+
+def _check_post(ctx, built, y_local, base_local, exact_local, p):
+    delta = y_local.detach().double() - base_local
+    scaled = exact_local / (1 - p)
+    tol = _tolerance(base_local) + 1e-4 * scaled.abs()
+    dropped = delta.abs() <= tol
+    kept = (delta - scaled).abs() <= tol
+    bad = ~(dropped | kept)
+    where = f"dropout_position='post', p={p}, {built.ex['kind']} base, tp={built.ex['tp']}"
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{where}: {int(bad.sum())} of {bad.numel()} elements of the update are neither 0 nor the exact update "
+            f"/ (1-p); e.g. at {i}: update {delta[tuple(i)].item():.6g}, exact {exact_local[tuple(i)].item():.6g}, "
+            f"exact/(1-p) {scaled[tuple(i)].item():.6g}")
+    significant = scaled.abs() > 10 * tol
+    ctx.check(bool((dropped & ~kept & significant).any()),
+              f"{where}: no element of the update was dropped (the output shows no dropout in train mode)")
+    ctx.check(bool((kept & ~dropped & significant).any()),
+              f"{where}: every element of the update was dropped")
+
+
+def _full_rows(ctx, built, y_local):
+    """The whole output (s, b, out) this rank's piece belongs to (gathered over TP for column outputs)."""
+    return gather(y_local.double(), example_shard("output", built.ex), built.groups.tp_group)
+
+
+def _check_pre(ctx, built, y_full, base_full, exact_full, p):
+    ex = built.ex
+    where = f"dropout_position='pre', p={p}, {ex['kind']} base, tp={ex['tp']}, sp={ex['sp']}"
+    delta = (y_full - base_full).reshape(-1, ex["out"])                   # (tokens, out)
+    B = built.B                                                           # (out, dim), full
+    coefficients = torch.linalg.lstsq(B, delta.T).solution                # (dim, tokens)
+    residual = (delta.T - B @ coefficients).T                             # (tokens, out)
+    scale = delta.norm(dim=-1) + base_full.reshape(-1, ex["out"]).norm(dim=-1) + 1.0
+    worst = (residual.norm(dim=-1) / scale).max().item()
+    ctx.check(worst <= 1e-5,
+              f"{where}: a token's update is not in the column space of B (relative residual {worst:.3g}); "
+              f"dropout on the adapter's input keeps the update s B A (m x) / (1-p) in span(B)")
+    scaled = (exact_full / (1 - p)).reshape(-1, ex["out"])
+    tol = _tolerance(base_full.reshape(-1, ex["out"])) + 1e-4 * scaled.abs()
+    post_form = (delta.abs() <= tol) | ((delta - scaled).abs() <= tol)
+    ctx.check(not bool(post_form.all()),
+              f"{where}: every element of the update is 0 or the exact update / (1-p), as if the dropout acted "
+              f"on the adapter's output (or on no input element)")
+
+
+@prop("LORA-FWD-6", needs={"dropout_position"}, strategy=dropout_examples)
+def dropout_acts_at_its_position_in_train_mode(ctx, backend, ex):
+    """Train mode: 'post' drops elements of the update (0 or exact/(1-p)); 'pre' keeps it in span(B)."""
+    ex = _supported(ex, backend)
+    p = ex["dropout"]
+    built, X, G, y = _train_forward(ctx, backend, ex)
+    base = expected(built, X, G, lora=False)["Y"]
+    exact = expected(built, X, G)["Y"] - base
+    if ex["dropout_position"] == "post":
+        output = example_shard("output", ex)
+        _check_post(ctx, built, y, local_piece(base, output, built.groups), local_piece(exact, output, built.groups), p)
+    else:
+        _check_pre(ctx, built, _full_rows(ctx, built, y), base, exact, p)
+
+
+@prop("LORA-FWD-6", needs={"dropout_position"}, strategy=dropout_examples)
+def no_dropout_in_eval_mode(ctx, backend, ex):
+    """After .eval() the output is base + (alpha/r) B A x exactly, for 'pre' and 'post' alike."""
+    ex = _supported(ex, backend)
+    built = build(ctx, backend, ex)
+    built.container.eval()
+    X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
+    G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
+    torch.manual_seed(ex["seed"])
+    y, _, _ = run(ctx, built, X, G)
+    ctx.assert_close(y, local_piece(expected(built, X, G)["Y"], example_shard("output", ex), built.groups), built.dtype,
+                     f"eval-mode output with dropout={ex['dropout']} '{ex['dropout_position']}' "
+                     f"({ex['kind']} base, tp={ex['tp']})")
+
+
+@prop("LORA-FWD-6", needs={"dropout_position"}, strategy=dropout_examples)
+def base_path_never_sees_dropout(ctx, backend, ex):
+    """With B = 0 the train-mode output is the base output: dropout never touches the base path."""
+    ex = _supported(ex, backend)
+    built0, X, G, y = _train_forward(ctx, backend, ex, B=torch.zeros(ex["out"], ex["dim"], dtype=torch.float64))
+    ctx.assert_close(y, local_piece(expected(built0, X, G, lora=False)["Y"], example_shard("output", ex), built0.groups),
+                     built0.dtype, f"train-mode output with B = 0 and dropout={ex['dropout']} "
+                     f"'{ex['dropout_position']}' ({ex['kind']} base, tp={ex['tp']})")

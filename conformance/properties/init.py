@@ -8,7 +8,9 @@ import torch
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
-from ..layer_case import adapter_shard_specs, add_lora, build, build_base, layer_examples, run
+from ..configs import lora
+from ..layer_case import add_lora, build, build_base, layer_examples, run
+from ..layout import example_shard, gather
 from ..registry import prop
 
 METHODS = ["xavier", "kaiming", "normal", "zero"]
@@ -17,11 +19,9 @@ METHODS = ["xavier", "kaiming", "normal", "zero"]
 def _full_adapter(ctx, backend, built) -> tuple[torch.Tensor, torch.Tensor]:
     """The full A and B, gathered from this rank's adapter_weights along the SPEC shard dims."""
     A, B = backend.adapter_weights(built.wrapped)
-    full = []
-    for local, (dim, stride) in zip((A, B), adapter_shard_specs(built.ex, built.groups)):
-        full.append(local.detach().clone() if dim is None or built.groups.tp_size == 1
-                    else ctx.gather(local, dim, built.groups.tp_group, stride))
-    return full[0].double(), full[1].double()
+    group = built.groups.tp_group
+    return (gather(A, example_shard("A", built.ex), group).double(),
+            gather(B, example_shard("B", built.ex), group).double())
 
 
 def _layer(kind: str, t: int, seed: int, **sizes) -> dict:
@@ -150,9 +150,7 @@ def zero_B_leaves_tiny_gpt_unchanged(ctx, backend, ex):
     generator = torch.Generator().manual_seed(ex["seed"] + 7)
     ids = torch.randint(0, spec.vocab_size, (ex["b"], t * ex["s_per_tp"]), generator=generator).to(ctx.device)
     before = backend.model_forward(model, spec, {"input_ids": ids})
-    import reference
-
-    config = backend.validate_config(reference.LoRA(dim=8, alpha=16))
+    config = backend.validate_config(lora(dim=8, alpha=16))
     torch.manual_seed(ex["seed"])
     model = backend.apply_lora(model, config, training=True)
     ctx.check(len(backend.lora_modules(model)) > 0, "LoRA with the default targets wrapped no TinyGPT module")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ..backend import Container, LinearSpec, ModelSpec
+from ..configs import lora
 from ..model_case import (
     DEFAULT_TARGETS,
     adapter_parameter_names,
@@ -52,9 +53,7 @@ def _layout(backend, ex):
 
 
 def _config(ex, **fields):
-    import reference
-
-    return reference.LoRA(target_modules=list(TARGET_SETS[ex["targets"]]), dim=ex["dim"], alpha=ex["alpha"], **fields)
+    return lora(target_modules=list(TARGET_SETS[ex["targets"]]), dim=ex["dim"], alpha=ex["alpha"], **fields)
 
 
 def _build(ctx, backend, ex, tp, sp):
@@ -162,9 +161,7 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
         chunks.append(chunk)
         bases.append(base)
     model = chunks if ex["chunks"] > 1 else chunks[0]
-    import reference
-
-    config = reference.LoRA(target_modules=[pattern], dim=2, alpha=4)
+    config = lora(target_modules=[pattern], dim=2, alpha=4)
     apply_quietly(backend, model, config)
     where = f"target_modules=[{pattern!r}], module {full_name} ({kind})"
     wrappers = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
+from ..configs import lora
 from ..model_case import (
     DEFAULT_TARGETS,
     apply_quietly,
@@ -51,9 +52,7 @@ def _model(backend, num_layers):
 
 
 def _lora(targets, excludes=()):
-    import reference
-
-    return reference.LoRA(target_modules=list(targets), exclude_modules=list(excludes), dim=2, alpha=4)
+    return lora(target_modules=list(targets), exclude_modules=list(excludes), dim=2, alpha=4)
 
 
 def _selected(ctx, backend, model, targets, excludes=()):

@@ -6,12 +6,14 @@ import torch
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
-from ..context import DTYPES, check_group_in_step, raises_everywhere
+from ..context import check_group_in_step, raises_everywhere
+from ..configs import lora
 from ..layer_case import build
+from ..layout import DTYPES, piece, shard_of
+from ..model_case import load_model_adapters, plans
 from ..registry import prop
 
-# SPEC [LORA-FWD-2]: (dim, stride) of the shards of W, B and A per base kind.
-SHARDS = {"column": {"W": 0, "B": 0, "A": 0}, "row": {"W": 1, "B": 0, "A": 1}}
+TENSOR_OF = {"W": "weight", "A": "A", "B": "B"}
 
 
 @st.composite
@@ -42,14 +44,10 @@ def _merge_case(ctx, backend, ex: dict, adapter_dtype=None):
             "A": ctx.randn((dim, in_features), seed + 2, scale=in_features ** -0.5).to(adapter_dtype).double()}
     local = {}
     for name, tensor in full.items():
-        dim = SHARDS[ex["kind"]][name]
-        stride = ex["stride"] if ex["kind"] == "column" and dim == 0 and name != "A" else 1
-        piece = tensor if t == 1 else ctx.piece(tensor, dim, groups.tp_rank, t, stride)
-        local[name] = piece.to(dtype if name == "W" else adapter_dtype).contiguous()
+        shard = shard_of(TENSOR_OF[name], ex["kind"], stride=ex["stride"])
+        local[name] = piece(tensor, shard, groups.tp_rank, t).to(dtype if name == "W" else adapter_dtype).contiguous()
     merged_full = full["W"] + (ex["alpha"] / ex["dim"]) * full["B"] @ full["A"]
-    w_dim = SHARDS[ex["kind"]]["W"]
-    w_stride = ex["stride"] if ex["kind"] == "column" else 1
-    want = merged_full if t == 1 else ctx.piece(merged_full, w_dim, groups.tp_rank, t, w_stride)
+    want = piece(merged_full, shard_of("weight", ex["kind"], stride=ex["stride"]), groups.tp_rank, t)
     return groups, t, local, want, dtype
 
 
@@ -122,48 +120,13 @@ def _check_wrapper_merged_weight(ctx, backend, ex: dict, dtype) -> None:
         return
     merged = built.wrapped.merged_weight()
     full = built.W + built.scale * built.B @ built.A
-    kind_dim = SHARDS[ex["kind"]]["W"]
-    want = full if ex["tp"] == 1 else ctx.piece(full, kind_dim, built.groups.tp_rank, ex["tp"],
-                                                ex["stride"] if ex["kind"] == "column" else 1)
+    want = piece(full, shard_of("weight", ex["kind"], stride=ex["stride"]), built.groups.tp_rank, ex["tp"])
     what = f"merged_weight() of a LoRA-wrapped {_where(ex, ex['tp'])}"
     ctx.check(merged.dtype == dtype, f"{what}: dtype {merged.dtype}, expected the base's {dtype}")
     ctx.assert_close(merged, want, dtype, what)
 
 
 # -- whole-model merge --------------------------------------------------------------------------------
-
-KINDS_BY_NAME = {"linear_qkv": "column", "linear_fc1": "column", "linear_proj": "row", "linear_fc2": "row"}
-
-
-def _module_layout(name: str, wrapped, gated: bool) -> tuple[str, int]:
-    """(base kind, stride) of a wrapped TinyGPT module: parallel_mode where the base says, else its name."""
-    base = getattr(wrapped, "to_wrap", None)
-    short = name.rsplit(".", 1)[-1]
-    kind = getattr(base, "parallel_mode", None) or KINDS_BY_NAME.get(short, "none")
-    stride = getattr(base, "stride", 2 if gated and short == "linear_fc1" else 1) if kind == "column" else 1
-    return kind, stride
-
-
-@torch.no_grad()
-def _set_adapters(ctx, backend, model, t: int, group_rank: int, seed: int, gated: bool) -> int:
-    """Give every adapter random full A and B (the same on every rank), written as SPEC shards."""
-    modules = backend.lora_modules(model)
-    for index, (name, wrapped) in enumerate(sorted(modules.items())):
-        kind, stride = _module_layout(name, wrapped, gated)
-        A, B = backend.adapter_weights(wrapped)
-        a_dim = {"column": 0, "row": 1}.get(kind)
-        full_A_shape = list(A.shape)
-        if a_dim is not None:
-            full_A_shape[a_dim] *= t
-        full_B_shape = [B.shape[0] * (t if kind != "none" else 1), B.shape[1]]
-        full_A = ctx.randn(full_A_shape, seed + 2 * index, scale=full_A_shape[1] ** -0.5)
-        full_B = ctx.randn(full_B_shape, seed + 2 * index + 1, scale=0.3 * full_B_shape[1] ** -0.5)
-        local_A = full_A if a_dim is None or t == 1 else ctx.piece(full_A, a_dim, group_rank, t)
-        local_B = full_B if kind == "none" or t == 1 else ctx.piece(full_B, 0, group_rank, t, stride)
-        A.copy_(local_A.to(A.dtype))
-        B.copy_(local_B.to(B.dtype))
-    return len(modules)
-
 
 @prop("LORA-MERGE-3", needs={"merge_model", "models"}, weight=0.5,
       strategy=lambda ctx: st.fixed_dictionaries({"tp": st.sampled_from(ctx.tp_sizes), "sp": st.booleans(),
@@ -183,11 +146,11 @@ def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
     ids = torch.randint(0, spec.vocab_size, (ex["b"], t * ex["s_per_tp"]), generator=generator).to(ctx.device)
     inputs = {"input_ids": ids}
     base_logits = backend.model_forward(model, spec, inputs).detach()
-    import reference
-
-    config = backend.validate_config(reference.LoRA(dim=8, alpha=ex["alpha"]))
+    config = backend.validate_config(lora(dim=8, alpha=ex["alpha"]))
     model = backend.apply_lora(model, config, training=False)
-    count = _set_adapters(ctx, backend, model, t, groups.tp_rank, ex["seed"] + 100, ex["gated"])
+    plan_by_name = plans(backend, model, spec, groups, 8)
+    load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"] + 100)
+    count = len(plan_by_name)
     where = f"TinyGPT (tp={t}, sp={sp}, gated={ex['gated']}, alpha={ex['alpha']})"
     ctx.check(count > 0, f"{where}: LoRA with the default targets wrapped no module")
     adapted = backend.model_forward(model, spec, inputs).detach()

@@ -19,7 +19,9 @@ import torch.distributed as dist
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
+from ..configs import lora
 from ..context import divisors
+from ..layout import Shard, gather
 from ..model_case import (
     apply_quietly,
     check_adapter_shapes,
@@ -76,9 +78,7 @@ def _build(ctx, backend, ex, layout=None, **spec_overrides):
 
 
 def _lora(targets, dim, alpha, **fields):
-    import reference
-
-    return reference.LoRA(target_modules=list(targets), dim=dim, alpha=alpha, **fields)
+    return lora(target_modules=list(targets), dim=dim, alpha=alpha, **fields)
 
 
 def _forward(ctx, backend, spec, model, seed, batch=2):
@@ -100,7 +100,7 @@ def _router(ctx, backend, model):
 def _replicas(ctx, t: torch.Tensor, group) -> list[torch.Tensor]:
     """Every group member's copy of `t` (same shape on each)."""
     size = dist.get_world_size(group)
-    return list(ctx.gather(t.detach().unsqueeze(0), 0, group).chunk(size, dim=0)) if size > 1 else [t.detach()]
+    return list(gather(t.unsqueeze(0), Shard(0), group).chunk(size, dim=0)) if size > 1 else [t.detach()]
 
 
 # ---- [MOE-LAYER-1] [MOE-INIT-1] --------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
         # Make expert `silent` the last choice of every token: its router row is -M u with x.u = 1 for
         # the router input x of every token of every rank (fewer tokens than hidden dimensions, so u
         # exists), and M larger than any other logit.
-        X_all = ctx.gather(store["input"].double(), 0, None)
+        X_all = gather(store["input"].double(), Shard(0), None)
         u = torch.linalg.pinv(X_all) @ torch.ones(X_all.shape[0], dtype=torch.float64, device=X_all.device)
         ctx.check(bool((X_all @ u > 0.5).all()), "the suite could not find a direction separating the tokens")
         W = backend.base_weight(router)

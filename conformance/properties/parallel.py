@@ -8,21 +8,10 @@ from hypothesis import strategies as st
 
 from ..backend import ModelSpec
 from ..context import check_group_in_step, divisors, raises_everywhere
-from ..layer_case import build, build_base, input_layout, layer_examples, local_piece, output_layout, plain_example, run
+from ..layer_case import build, build_base, layer_examples, local_piece, plain_example, run
+from ..layout import WHOLE, example_shard, gather
+from ..model_case import base_shard
 from ..registry import prop
-
-
-def _weight_layout(ex: dict) -> tuple:
-    """(dim, stride) of this rank's base weight shard (SPEC [TP-COL-1], [TP-ROW-1]); dim None = whole."""
-    if ex["kind"] == "column":
-        return 0, ex["stride"]
-    if ex["kind"] == "row":
-        return 1, 1
-    return None, 1
-
-
-def _bias_layout(ex: dict) -> tuple:
-    return (0, ex["stride"]) if ex["kind"] == "column" else (None, 1)
 
 
 def _where(ex: dict) -> str:
@@ -48,25 +37,22 @@ def _check_base(ctx, backend, ex):
     dX, dW, db = G @ W, Gf.T @ Xf, Gf.sum(0)
     what = f"{ex['kind']} base layer ({_where(ex)})"
 
-    out_dim, out_stride = output_layout(ex)
-    ctx.assert_close(y, local_piece(ctx, Y, out_dim, groups, out_stride), dtype, f"output of the {what}")
-    bias_dim, bias_stride = _bias_layout(ex)
+    ctx.assert_close(y, local_piece(Y, example_shard("output", ex), groups), dtype, f"output of the {what}")
+    bias_shard = example_shard("bias", ex)
     if ex["skip_bias_add"]:
         ctx.check(returned_bias is not None, f"skip_bias_add: the {what} must return its bias, got None")
-        ctx.assert_close(returned_bias, local_piece(ctx, bias, bias_dim, groups, bias_stride), dtype,
+        ctx.assert_close(returned_bias, local_piece(bias, bias_shard, groups), dtype,
                          f"the bias returned with skip_bias_add by the {what}")
     else:
         ctx.check(returned_bias is None,
                   f"the {what} returned a bias without skip_bias_add (it would be added twice)")
 
-    in_dim, in_stride = input_layout(ex)
     ctx.check(x.grad is not None, f"the input of the {what} got no gradient")
-    ctx.assert_close(x.grad, local_piece(ctx, dX, in_dim, groups, in_stride), dtype,
+    ctx.assert_close(x.grad, local_piece(dX, example_shard("input", ex), groups), dtype,
                      f"gradient of the input of the {what}", scale=4)
     weight = layer.weight
     ctx.check(weight.grad is not None, f"the weight of the {what} got no gradient")
-    w_dim, w_stride = _weight_layout(ex)
-    ctx.assert_close(weight.grad, local_piece(ctx, dW, w_dim, groups, w_stride), dtype,
+    ctx.assert_close(weight.grad, local_piece(dW, example_shard("weight", ex), groups), dtype,
                      f"gradient of this rank's weight shard of the {what}", scale=4)
     if bias is not None:
         b = layer.bias
@@ -79,7 +65,7 @@ def _check_base(ctx, backend, ex):
             if ex["kind"] == "row" and ex["sp"]:
                 grad = ctx.all_reduce(grad, groups.tp_group)   # partial per sequence shard [TP-ROW-2]
             summed = " (summed over the TP group)" if ex["kind"] == "row" and ex["sp"] else ""
-            ctx.assert_close(grad, local_piece(ctx, db, bias_dim, groups, bias_stride), dtype,
+            ctx.assert_close(grad, local_piece(db, bias_shard, groups), dtype,
                              f"gradient of the bias of the {what}{summed}", scale=4)
 
 
@@ -113,14 +99,12 @@ def full_weights_are_stored_as_spec_shards(ctx, backend, ex):
     """make_linear(full W, b) keeps this rank's SPEC shard, bare and inside a LoRA wrapper."""
     if ex["kind"] == "linear" and "linear" not in backend.capabilities:
         ex = dict(ex, kind="column")
-    w_dim, w_stride = _weight_layout(ex)
     base = build_base(ctx, backend, ex)
     what = f"{ex['kind']} base ({_where(ex)})"
-    want_W = local_piece(ctx, base.W, w_dim, base.groups, w_stride)
+    want_W = local_piece(base.W, example_shard("weight", ex), base.groups)
     ctx.assert_close(base.wrapped.weight, want_W, torch.float64, f"the weight of the bare {what} vs its SPEC shard")
     if base.bias is not None:
-        b_dim, b_stride = _bias_layout(ex)
-        ctx.assert_close(base.wrapped.bias, local_piece(ctx, base.bias, b_dim, base.groups, b_stride),
+        ctx.assert_close(base.wrapped.bias, local_piece(base.bias, example_shard("bias", ex), base.groups),
                          torch.float64, f"the bias of the bare {what} vs its SPEC shard")
     built = build(ctx, backend, ex)
     ctx.assert_close(backend.base_weight(built.wrapped), want_W, torch.float64,
@@ -248,24 +232,11 @@ def tiny_gpt_logits_are_the_same_at_every_tp(ctx, backend, ex):
                      f"TinyGPT logits at tp={ex['tp']} (sp={sp}, gated={ex['gated']}) vs tp=1", scale=10)
 
 
-def _full_parameter(ctx, module, name: str, param, group):
-    """The full tensor of a parameter of a TP-t model, or None when its layout is unknown."""
-    mode = getattr(module, "parallel_mode", None)
-    dim = getattr(module, "weight_shard_dim", None)
-    stride = getattr(module, "stride", 1) if mode == "column" else 1
-    if name == "weight" and dim is not None:
-        return ctx.gather(param, dim, group, stride)
-    if name == "bias" and mode == "column":
-        return ctx.gather(param, 0, group, stride)
-    if name == "bias" and mode == "row":
-        return param.detach()
-    return None
-
-
 @prop("TP-INIT-1", needs={"relayout", "models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
 def tiny_gpt_full_weights_are_the_same_at_every_tp(ctx, backend, ex):
     """One seed gives one full weight at every t: the gathered parameters of TinyGPT at TP t equal
-    those at TP 1 (modules that say how they are sharded: parallel_mode / weight_shard_dim / stride)."""
+    those at TP 1 (gathered as SPEC shards the module by its name: conformance/model_case.base_shard;
+    a parameter of another layout, a vocab-parallel embedding say, is left out)."""
     models, groups = {}, {}
     for t in (1, ex["tp"]):
         groups[t] = backend.init_parallel(t)
@@ -279,12 +250,10 @@ def tiny_gpt_full_weights_are_the_same_at_every_tp(ctx, backend, ex):
             ctx.check(other is not None and getattr(other, name, None) is not None,
                       f"tp={ex['tp']}: TinyGPT has no parameter {qualified}")
             local = getattr(other, name)
-            if tuple(local.shape) == tuple(full.shape) and getattr(other, "parallel_mode", None) is None:
-                gathered = local.detach()
-            else:
-                gathered = _full_parameter(ctx, other, name, local, groups[ex["tp"]].tp_group)
-                if gathered is None:
-                    continue
+            shard = base_shard(module_name, name, ex["gated"]) if name in ("weight", "bias") else WHOLE
+            if shard == WHOLE and tuple(local.shape) != tuple(full.shape):
+                continue
+            gathered = gather(local, shard, groups[ex["tp"]].tp_group)
             compared += 1
             ctx.assert_close(gathered, full.detach().double(), torch.float64,
                              f"full {qualified} at tp={ex['tp']} (gated={ex['gated']}) vs tp=1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
+from ..configs import vlm_lora
 from ..model_case import adapter_parameter_names, apply_quietly
 from ..registry import prop
 
@@ -30,9 +31,7 @@ def _examples(ctx, training=(True,), chunks=(1,)):
 
 
 def _config(ex):
-    import reference
-
-    return reference.VLMLoRA(dim=ex["dim"] * ex["tp"], alpha=8, **dict(zip(FLAGS, ex["flags"])))
+    return vlm_lora(dim=ex["dim"] * ex["tp"], alpha=8, **dict(zip(FLAGS, ex["flags"])))
 
 
 def _models(ctx, backend, ex):

@@ -1,42 +1,33 @@
-"""LoRA: configuration, matching, the parallel adapter, the wrapper and the model transform."""
+"""LoRA: configuration, matching, the parallel adapter, the wrapper and the model transform.
 
-from __future__ import annotations
+    config.py     LoRAConfig: the fields, defaults and checks
+    lora.py       LoRA: the config that applies itself (model = LoRA(...)(model))
+    matching.py   which modules get an adapter
+    build.py      config + base layout -> the adapter's arguments (and the MoE expert rank)
+    adapter.py    ParallelLinearAdapter: scale * B A x, sharded like its base
+    protocol.py   LoRAWrapper: what a wrapper offers; is_lora_wrapper, lora_adapters
+    wrapper.py    LoRALinear: base(x) + adapter(x), with shared communication and merge
+    experts.py    the MoE wrappers (grouped experts, router)
+    transform.py  apply_lora, finalize_lora_grads, merge_lora / unmerge_lora over a model
 
-from dataclasses import dataclass
-
-from torch import nn
+This file only re-exports.
+"""
 
 from .adapter import LoRAWeight, ParallelLinearAdapter
+from .build import adapter_arguments, build_adapter, effective_dim, is_expert_linear
 from .config import DEFAULT_TARGET_MODULES, LoRAConfig
+from .experts import ExpertAdapter, LoRAGroupedLinear, LoRATopKRouter
+from .lora import LoRA
 from .matching import is_linear_like, match, pattern_matches
-from .experts import finalize_lora_grads
-from .transform import apply_lora, build_adapter, freeze_all, lora_adapters, transform
+from .protocol import LoRAWrapper, is_lora_wrapper, lora_adapters, named_lora_wrappers
+from .transform import apply_lora, finalize_lora_grads, freeze_all, merge_lora, transform, unmerge_lora
 from .wrapper import LoRALinear
-
-
-@dataclass
-class LoRA(LoRAConfig):
-    """Megatron-Bridge's `LoRA`: a config that applies itself.
-
-        model = LoRA(dim=16, alpha=32)(model)              # freeze base, add trainable adapters
-        module = LoRA().transform(module, name, prefix)    # one module: wrapped if selected
-    """
-
-    def __call__(self, model, training: bool = True):
-        return apply_lora(model, self, training=training)
-
-    def freeze_model(self, model, training: bool = True) -> None:
-        """Freeze every parameter of the model (or of each chunk); train mode when training."""
-        freeze_all(model, training)
-
-    def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None) -> nn.Module:
-        return transform(self, module, name, prefix)
-
-    def match(self, module: nn.Module, name: str, prefix: str | None = None) -> str | None:
-        return match(self, module, name, prefix)
-
 
 __all__ = [
     "LoRA", "LoRAConfig", "LoRALinear", "LoRAWeight", "ParallelLinearAdapter", "DEFAULT_TARGET_MODULES",
-    "apply_lora", "build_adapter", "freeze_all", "finalize_lora_grads", "transform", "match", "pattern_matches", "is_linear_like", "lora_adapters",
+    "apply_lora", "build_adapter", "freeze_all", "finalize_lora_grads", "transform", "match", "pattern_matches",
+    "is_linear_like", "lora_adapters",
+    # added with the redesign
+    "LoRAWrapper", "is_lora_wrapper", "named_lora_wrappers", "adapter_arguments", "effective_dim",
+    "is_expert_linear", "ExpertAdapter", "LoRAGroupedLinear", "LoRATopKRouter", "merge_lora", "unmerge_lora",
 ]

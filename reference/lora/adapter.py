@@ -1,7 +1,8 @@
 """The LoRA adapter beside a (tensor-parallel) linear layer.
 
 The adapter adds  delta(x) = (alpha / r) * B A x  to the base layer's output, with
-A = linear_in (r x in) and B = linear_out (out x r). It is sharded to match its base (TP size t):
+A = linear_in (r x in) and B = linear_out (out x r). It is sharded to match its base, as the base's
+BaseLayout (reference/layout.py) says (TP size t):
 
     base kind   base shard      A shard               B shard          adapter output
     column      (out/t, in)     (r/t, in)  rows       (out/t, r) rows   (s, b, out/t), like the base's
@@ -31,11 +32,11 @@ to it and the caller casts the output back to the base output's dtype.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..init import init_full_weight
+from ..layout import BASE_KINDS, BaseLayout, from_layout
 from ..parallel import (
     all_to_all_hidden_to_sequence_parallel_region,
     check_divisible,
@@ -44,14 +45,15 @@ from ..parallel import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     gather_shards,
-    get_parallel_state,
     reduce_from_tensor_parallel_region,
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
     shard,
 )
 
-BASE_KINDS = ("column", "row", "none")
+# What the keyword arguments that describe a base default to (used only when no layout is given).
+_KEYWORD_DEFAULTS = dict(base_kind="column", tp_group=None, sequence_parallel=False, gather_output=False,
+                         input_is_parallel=True, stride=1, explicit_expert_comm=False)
 
 
 def _place_in_hidden_shard(y: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -61,7 +63,12 @@ def _place_in_hidden_shard(y: torch.Tensor, rank: int, size: int) -> torch.Tenso
 
 
 class LoRAWeight(nn.Module):
-    """A bias-free linear map y = x W^T holding this rank's shard of W (A or B of the adapter)."""
+    """A bias-free linear map y = x W^T holding this rank's shard of W (A or B of the adapter).
+
+    Args:
+        local_weight (torch.Tensor): this rank's shard, e.g. A (r/t, in) or B (out/t, r); per-expert
+            adapters stack one per local expert, (E_local, ...).
+    """
 
     def __init__(self, local_weight: torch.Tensor):
         super().__init__()
@@ -74,8 +81,66 @@ class LoRAWeight(nn.Module):
         return f"local_shape={tuple(self.weight.shape)}"
 
 
+def _keyword_layout(in_features: int, out_features: int, base_kind: str, tp_group, sequence_parallel: bool,
+                    gather_output: bool, input_is_parallel: bool, stride: int,
+                    explicit_expert_comm: bool) -> BaseLayout:
+    """The layout that ParallelLinearAdapter's keyword arguments describe, each flag kept only where
+    the base kind has it (as a layer's own layout does)."""
+    if base_kind not in BASE_KINDS:
+        raise ValueError(f"base_kind must be one of {list(BASE_KINDS)}, got {base_kind!r}")
+    if base_kind == "none":
+        return BaseLayout.plain(in_features, out_features)
+    return BaseLayout.over(base_kind, in_features, out_features, tp_group,
+                           sequence_parallel=bool(sequence_parallel),
+                           gather_output=bool(gather_output) and base_kind == "column",
+                           input_is_parallel=bool(input_is_parallel) or base_kind != "row",
+                           stride=stride if base_kind == "column" else 1,
+                           explicit_expert_comm=bool(explicit_expert_comm))
+
+
 class ParallelLinearAdapter(nn.Module):
-    """scale * B(A(x)) sharded like its base; see the module docstring for the data flow."""
+    """scale * B(A(x)) sharded like its base; see the module docstring for the data flow.
+
+    The base is described either by its `layout` (what build_adapter passes: the layer's own
+    BaseLayout) or, when layout is None, by the keywords base_kind ... explicit_expert_comm.
+
+    Args:
+        in_features (int): the base's full input size `in`; A is (r, in).
+        out_features (int): the base's full output size `out`; B is (out, r).
+        dim (int): the rank r; divisible by the TP size for a column base.
+        base_kind (str): "column", "row" or "none" (not split). Default: "column".
+        alpha (float): the update is scaled by alpha / dim. Default: 32.
+        dropout (float): dropout probability; 0 adds no dropout module. Default: 0.0.
+        dropout_position (str): "pre" (on the adapter's input) or "post" (on its output). Default: "pre".
+        lora_A_init_method (str): xavier, kaiming, normal or zero, drawn on the full A. Default: "xavier".
+        lora_B_init_method (str): the same for the full B. Default: "zero".
+        dtype (torch.dtype): the dtype of A and B. Default: torch.float32.
+        device (torch.device | str | None): None: default_device(). Default: None.
+        tp_group (dist.ProcessGroup | None): the base's TP group; None: the current one (unused for
+            "none"). Default: None.
+        sequence_parallel (bool): the base runs under SP (not for "none"). Default: False.
+        a2a_experimental (bool): one all-to-all instead of gather + scatter; only a row base under SP
+            uses it. Default: False.
+        gather_output (bool): the column base gathers its output (column only). Default: False.
+        input_is_parallel (bool): the row base's input is already split (row only). Default: True.
+        stride (int): the column base's stacked output blocks (column only). Default: 1.
+        explicit_expert_comm (bool): the base is a MoE expert that communicates nothing. Default: False.
+        base_name (str): the base's full name, for messages and repr. Default: "adapter".
+        layout (BaseLayout | None): the base's layout; when given, in/out_features must be its sizes
+            and base_kind ... explicit_expert_comm must keep their defaults. Default: None.
+
+    Raises:
+        ValueError: an unknown base_kind, sizes that do not match `layout`, or dim / out / in not
+            divisible as the base's split needs.
+        TypeError: both a layout and base-describing keywords.
+    """
+
+    # The base's layout, read-only: `self.layout` is the one copy.
+    base_kind, in_features, out_features = from_layout("kind"), from_layout("input_size"), from_layout("output_size")
+    tp_group, tp_size, tp_rank = from_layout("tp_group"), from_layout("tp_size"), from_layout("tp_rank")
+    sequence_parallel, gather_output = from_layout("sequence_parallel"), from_layout("gather_output")
+    input_is_parallel, stride = from_layout("input_is_parallel"), from_layout("stride")
+    explicit_expert_comm = from_layout("explicit_expert_comm")
 
     def __init__(self, in_features: int, out_features: int, dim: int, *, base_kind: str = "column",
                  alpha: float = 32, dropout: float = 0.0, dropout_position: str = "pre",
@@ -83,28 +148,24 @@ class ParallelLinearAdapter(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None, tp_group=None,
                  sequence_parallel: bool = False, a2a_experimental: bool = False,
                  gather_output: bool = False, input_is_parallel: bool = True, stride: int = 1,
-                 explicit_expert_comm: bool = False, base_name: str = "adapter"):
+                 explicit_expert_comm: bool = False, base_name: str = "adapter", layout: BaseLayout | None = None):
         super().__init__()
-        if base_kind not in BASE_KINDS:
-            raise ValueError(f"base_kind must be one of {list(BASE_KINDS)}, got {base_kind!r}")
-        self.base_kind, self.base_name = base_kind, base_name
-        self.in_features, self.out_features, self.dim = in_features, out_features, dim
-        self.alpha = alpha
-        self.scale = alpha / dim
+        described = dict(base_kind=base_kind, tp_group=tp_group, sequence_parallel=sequence_parallel,
+                         gather_output=gather_output, input_is_parallel=input_is_parallel, stride=stride,
+                         explicit_expert_comm=explicit_expert_comm)
+        if layout is None:
+            layout = _keyword_layout(in_features, out_features, **described)
+        elif described != _KEYWORD_DEFAULTS:
+            raise TypeError("pass the base either as layout= or as keywords (base_kind, tp_group, ...), not both")
+        elif (in_features, out_features) != (layout.input_size, layout.output_size):
+            raise ValueError(f"in_features, out_features ({in_features}, {out_features}) must be the layout's "
+                             f"input_size, output_size ({layout.input_size}, {layout.output_size})")
+        self.layout, self.base_name = layout, base_name
+        self.dim, self.alpha, self.scale = dim, alpha, alpha / dim
         self.dropout_position = dropout_position
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if base_kind == "none":
-            self.tp_group, self.tp_size, self.tp_rank = None, 1, 0
-        else:
-            self.tp_group = get_parallel_state().tp_group if tp_group is None else tp_group
-            self.tp_size, self.tp_rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
-        self.sequence_parallel = bool(sequence_parallel) and base_kind != "none"
         # a2a only changes the row case under sequence parallelism; elsewhere there is nothing to trade.
-        self.a2a_experimental = bool(a2a_experimental) and base_kind == "row" and self.sequence_parallel
-        self.gather_output = bool(gather_output) and base_kind == "column"
-        self.input_is_parallel = bool(input_is_parallel) or base_kind != "row"
-        self.stride = stride if base_kind == "column" else 1
-        self.explicit_expert_comm = bool(explicit_expert_comm) and base_kind != "none"
+        self.a2a_experimental = bool(a2a_experimental) and layout.kind == "row" and layout.sequence_parallel
         self._check_divisibility()
         self.init_methods = (lora_A_init_method, lora_B_init_method)
         device = default_device() if device is None else torch.device(device)

@@ -1,12 +1,7 @@
-"""LoRA on mixture-of-experts layers (reference/moe.py): expert ranks, shared or per-expert adapters.
+"""LoRA on mixture-of-experts layers (reference/moe.py): shared or per-expert adapters, the router.
 
-Expert linears are found by full name: `mlp.` … `experts` … `.linear_fc1|2` at the end, and not under
-`.shared_experts.`. Shared experts and the router are dense modules and keep the full rank.
-
-normalize_moe_lora: an expert linear gets rank r_e = dim // moe_router_topk (a token passes through k
-experts, so k adapters of rank dim/k match one dense adapter's capacity); alpha is unchanged, so the
-scale is alpha / r_e. For column-parallel expert bases r_e is rounded up to a multiple of the
-expert-TP size (A is split by rows there).
+The expert rank (normalize_moe_lora) and which linears are experts are decided where every adapter's
+arguments are (reference/lora/build.py: effective_dim, is_expert_linear, re-exported here).
 
 Grouped experts (one GroupedLinear for all local experts):
     share_expert_adapters=True   one adapter for every local expert on this EP rank. It is made
@@ -22,60 +17,42 @@ does the rest (reference/moe.py).
 
 from __future__ import annotations
 
-import math
-import re
-
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..init import init_full_weight
-from ..moe import GroupedLinear, TopKRouter
+from ..merge import merge_lora_shard
+from ..moe import GroupedLinear
 from ..parallel import gather_shards
+from ..router import TopKRouter
 from .adapter import LoRAWeight, ParallelLinearAdapter
+from .build import adapter_arguments, build_adapter, effective_dim, is_expert_linear
 from .wrapper import LoRALinear
-
-EXPERT_LINEAR = re.compile(r".*mlp\..*experts.*\.linear_fc[12]$")
-
-
-def is_expert_linear(full_name: str) -> bool:
-    return EXPERT_LINEAR.match(full_name) is not None and ".shared_experts." not in full_name
-
-
-def effective_dim(config, module: nn.Module, full_name: str) -> int:
-    """The adapter rank for `module`: dim, or dim // topk (rounded up for column bases) for experts."""
-    if not (config.normalize_moe_lora and is_expert_linear(full_name)):
-        return config.dim
-    topk = getattr(module, "moe_router_topk", None)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
-        raise ValueError(f"normalize_moe_lora needs a positive int moe_router_topk on the expert module "
-                         f"{full_name}, got {topk!r}")
-    if config.dim % topk:
-        raise ValueError(f"dim ({config.dim}) must be divisible by moe_router_topk ({topk}) when "
-                         f"normalize_moe_lora=True (expert module {full_name})")
-    rank = config.dim // topk
-    is_column = getattr(module, "parallel_mode", None) == "column"
-    if is_column:
-        tp_size = module.tp_size
-        rank = math.ceil(rank / tp_size) * tp_size
-    return rank
 
 
 class ExpertAdapter(ParallelLinearAdapter):
-    """The adapter of a GroupedLinear: forward(x, e) = scale · B_e A_e x (A_e = A when shared)."""
+    """The adapter of a GroupedLinear: forward(x, e) = scale · B_e A_e x (A_e = A when shared).
+
+    Args:
+        base (GroupedLinear): the grouped experts' linear; its layout (expert-TP split, no
+            communication) is the adapter's.
+        dim (int): the adapter rank (effective_dim).
+        config (LoRAConfig): the LoRA configuration; share_expert_adapters picks one adapter for
+            all local experts (A (r, in), B (out, r) shards) or one per expert (stacked
+            (E_local, ...)).
+        base_name (str): the base's full name.
+        ep_group (dist.ProcessGroup): the expert-parallel group (shared adapters are broadcast over
+            it at init and their gradients summed over it by finalize_lora_grads).
+        local_expert_ids (list[int]): the global ids of this rank's experts.
+        num_experts (int): E, the number of experts over all EP ranks (every rank draws all E).
+    """
 
     def __init__(self, base: GroupedLinear, dim: int, config, *, base_name: str, ep_group, local_expert_ids,
                  num_experts: int):
         # Read by _init_weights, which the parent's __init__ calls.
         self.shared = config.share_expert_adapters
         self.local_expert_ids, self.num_experts = list(local_expert_ids), num_experts
-        super().__init__(base.input_size, base.output_size, dim, base_kind=base.parallel_mode,
-                         alpha=config.alpha, dropout=config.dropout, dropout_position=config.dropout_position,
-                         lora_A_init_method=config.lora_A_init_method,
-                         lora_B_init_method=config.lora_B_init_method,
-                         dtype=config.lora_dtype or base.weight.dtype, device=base.weight.device,
-                         tp_group=base.tp_group, stride=base.stride, explicit_expert_comm=True,
-                         base_name=base_name)
+        super().__init__(**adapter_arguments(config, base.layout, base_name, dim=dim, weight=base.weight))
         self.ep_group = ep_group
         if self.shared and dist.get_world_size(ep_group) > 1:
             src = dist.get_global_rank(ep_group, 0)
@@ -84,6 +61,7 @@ class ExpertAdapter(ParallelLinearAdapter):
             self.grad_sync_group = ep_group   # finalize_lora_grads sums the EP ranks' gradients
 
     def _init_weights(self, device, dtype):
+        """Shared: as a dense adapter. Per expert: every expert's full A, B drawn in turn, local ones kept."""
         if self.shared:
             return super()._init_weights(device, dtype)
         A_local, B_local = [], []
@@ -97,10 +75,12 @@ class ExpertAdapter(ParallelLinearAdapter):
                 LoRAWeight(torch.stack(B_local).to(device=device, dtype=dtype)))
 
     def weights_for(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (A, B) shards for local expert `expert` (the shared pair when shared)."""
         A, B = self.linear_in.weight, self.linear_out.weight
         return (A, B) if self.shared else (A[expert], B[expert])
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """x (n, in or in/t): local expert `expert`'s tokens -> its adapter's part of the output."""
         return self._adapt(x, *self.weights_for(expert))
 
     @torch.no_grad()
@@ -132,37 +112,48 @@ class ExpertAdapter(ParallelLinearAdapter):
 
 
 class LoRAGroupedLinear(LoRALinear):
-    """A GroupedLinear and its ExpertAdapter: forward(x, e) = base(x, e) + adapter(x, e)."""
+    """A GroupedLinear and its ExpertAdapter: forward(x, e) = base(x, e) + adapter(x, e).
+
+    Args:
+        to_wrap (GroupedLinear): the grouped experts' linear, frozen.
+        adapter (ExpertAdapter): its adapter.
+    """
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """x (n, in or in/t): the tokens routed to local expert `expert` -> (n, out/t) or partial (n, out)."""
         out = self.to_wrap(x, expert)
         if not self.merged:
             out = out + self.adapter(x, expert).to(out.dtype)
         return out
 
     def _merged(self, sign: float) -> torch.Tensor:
-        from ..merge import LoRAMerge
-
-        weight, adapter = self.to_wrap.weight, self.adapter
+        """Each local expert's W_e + sign (alpha/r) B_e A_e, stacked (a collective under expert TP)."""
+        weight, adapter = self.to_wrap.weight, self.adapter     # (E_local, out/t, in) or (E_local, out, in/t)
         merged = []
         for e in range(weight.shape[0]):
             A, B = adapter.weights_for(e)
-            merged.append(LoRAMerge().merge(weight[e], B, A, sign * adapter.alpha, adapter.dim,
-                                            tp_size=adapter.tp_size, tp_group=adapter.tp_group))
+            merged.append(merge_lora_shard(weight[e], B, A, sign * adapter.alpha, adapter.dim, adapter.layout))
         return torch.stack(merged)
 
 
 class LoRATopKRouter(LoRALinear):
-    """The router with an adapter on its logits: routing(gating(x) + adapter(x))."""
+    """The router with an adapter on its logits: routing(gating(x) + adapter(x)).
+
+    Args:
+        to_wrap (TopKRouter): the router, frozen.
+        adapter (ParallelLinearAdapter): an unsplit ("none") adapter h -> E on the logits.
+    """
 
     def forward(self, x: torch.Tensor):
-        logits = self.to_wrap.gating(x)
+        """x (T, h) -> probs (T, k), expert indices (T, k)."""
+        logits = self.to_wrap.gating(x)                                         # (T, E)
         if not self.merged:
             logits = logits + self.adapter(x).to(logits.dtype)
         return self.to_wrap.routing(logits)
 
 
 def wrap_grouped_linear(config, module: GroupedLinear, full_name: str) -> LoRAGroupedLinear:
+    """`module` with an ExpertAdapter (shared or per expert, as config.share_expert_adapters says)."""
     adapter = ExpertAdapter(module, effective_dim(config, module, full_name), config, base_name=full_name,
                             ep_group=module.ep_group, local_expert_ids=module.local_expert_ids,
                             num_experts=module.num_experts)
@@ -170,39 +161,13 @@ def wrap_grouped_linear(config, module: GroupedLinear, full_name: str) -> LoRAGr
 
 
 def wrap_router(config, module: TopKRouter, full_name: str) -> LoRATopKRouter:
-    adapter = ParallelLinearAdapter(
-        module.in_features, module.out_features, config.dim, base_kind="none", alpha=config.alpha,
-        dropout=config.dropout, dropout_position=config.dropout_position,
-        lora_A_init_method=config.lora_A_init_method, lora_B_init_method=config.lora_B_init_method,
-        dtype=config.lora_dtype or module.weight.dtype, device=module.weight.device, base_name=full_name)
+    """The router with an unsplit adapter (full rank: the router is not an expert)."""
+    adapter = build_adapter(config, module, full_name)
     # Under SP each TP rank routes only its sequence shard: the adapter's gradient is partial.
     if module.sequence_parallel and dist.get_world_size(module.tp_group) > 1:
         adapter.grad_sync_group = module.tp_group
     return LoRATopKRouter(module, adapter)
 
 
-@torch.no_grad()
-def finalize_lora_grads(model) -> None:
-    """After backward: sum the gradients of adapters whose copies saw different tokens.
-
-    Shared grouped-expert adapters are summed over the EP group; router adapters under sequence
-    parallelism over the TP group. (Megatron does the same in finalize_model_grads / grad hooks.)
-    """
-    from .transform import lora_adapters
-
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
-        for adapter in lora_adapters(chunk):
-            group = getattr(adapter, "grad_sync_group", None)
-            if group is None:
-                continue
-            for param in adapter.parameters():
-                if not param.requires_grad:
-                    continue
-                if param.grad is None:   # this rank's experts got no token: a zero contribution
-                    param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad, group=group)
-
-
 __all__ = ["is_expert_linear", "effective_dim", "ExpertAdapter", "LoRAGroupedLinear", "LoRATopKRouter",
-           "finalize_lora_grads"]
+           "wrap_grouped_linear", "wrap_router"]

@@ -21,7 +21,8 @@ from functools import lru_cache
 from torch import nn
 
 from ..layers import ColumnParallelLinear, RowParallelLinear
-from ..moe import GroupedLinear, TopKRouter
+from ..moe import GroupedLinear
+from ..router import TopKRouter
 
 
 @lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""Putting adapters into a model: match, build the adapter for the base's kind, wrap, freeze.
+"""Model-level LoRA: put adapters into a model, sum their gradients, merge them back out.
 
     apply_lora(model, config, training=True)
       1. config.freeze_model(model, training): LoRA freezes every parameter (the base weights never
@@ -9,60 +9,49 @@
       3. adapters are trainable; with training=False every parameter is frozen and the model is put
          in eval mode;
       4. target patterns that matched no module are reported in one warning.
+    finalize_lora_grads(model)       after backward: sum the gradients of adapters whose copies saw
+                                     different tokens (MoE shared experts over EP, the router under SP)
+    merge_lora(model) / unmerge_lora(model)   fold every adapter into its base weight / take it out
 
-A model may also be a list of modules (pipeline chunks): each is handled in turn.
+A model may also be a list of modules (pipeline chunks): each is handled in turn. Wrappers are found
+through the wrapper protocol (reference/lora/protocol.py), never by class.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..layers import ColumnParallelLinear, RowParallelLinear
-from ..moe import GroupedLinear, TopKRouter
-from .adapter import ParallelLinearAdapter
-from .experts import effective_dim, wrap_grouped_linear, wrap_router
+from ..moe import GroupedLinear
+from ..router import TopKRouter
+from .build import build_adapter
+from .experts import wrap_grouped_linear, wrap_router
 from .matching import full_name_of, match, pattern_matches
+from .protocol import is_lora_wrapper, lora_adapters, named_lora_wrappers
 from .wrapper import LoRALinear
 
-def base_kind(module: nn.Module) -> str:
-    if isinstance(module, ColumnParallelLinear):
-        return "column"
-    if isinstance(module, RowParallelLinear):
-        return "row"
-    return "none"
 
-
-def build_adapter(config, module: nn.Module, full_name: str) -> nn.Module:
-    """The ParallelLinearAdapter that fits `module` (column, row or plain nn.Linear)."""
-    kind = base_kind(module)
-    weight = module.weight
-    if kind == "none":
-        in_features, out_features = module.in_features, module.out_features
-        extra = {}
-    else:
-        in_features, out_features = module.input_size, module.output_size
-        extra = dict(tp_group=module.tp_group, sequence_parallel=module.sequence_parallel,
-                     gather_output=getattr(module, "gather_output", False),
-                     input_is_parallel=getattr(module, "input_is_parallel", True),
-                     stride=getattr(module, "stride", 1),
-                     explicit_expert_comm=getattr(module, "explicit_expert_comm", False))
-    return ParallelLinearAdapter(
-        in_features, out_features, effective_dim(config, module, full_name), base_kind=kind,
-        alpha=config.alpha, dropout=config.dropout, dropout_position=config.dropout_position,
-        lora_A_init_method=config.lora_A_init_method, lora_B_init_method=config.lora_B_init_method,
-        dtype=config.lora_dtype or weight.dtype, device=weight.device,
-        a2a_experimental=config.a2a_experimental, base_name=full_name, **extra)
-
-
-def is_lora_wrapper(module: nn.Module) -> bool:
-    """LoRALinear, or a MoE module that carries its own adapters (reference/moe.py)."""
-    return getattr(module, "is_lora_wrapper", False)
+def _chunks(model) -> list[nn.Module]:
+    """A model as its list of pipeline chunks (a bare module is one chunk)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def transform(config, module: nn.Module, name: str | None = None, prefix: str | None = None) -> nn.Module:
-    """LoRALinear(module, adapter) if the config selects `module`, else `module` unchanged."""
+    """LoRALinear(module, adapter) if the config selects `module`, else `module` unchanged.
+
+    Args:
+        config (LoRAConfig): the LoRA configuration.
+        module (nn.Module): the candidate; a wrapper already is returned as it is.
+        name (str | None): its attribute name in its parent; None selects nothing. Default: None.
+        prefix (str | None): its parent's full name. Default: None.
+
+    Returns:
+        nn.Module: the wrapper (LoRALinear, or the MoE wrappers for GroupedLinear / TopKRouter), or
+        `module` itself.
+    """
     if is_lora_wrapper(module) or name is None:
         return module
     if match(config, module, name, prefix) is None:
@@ -86,31 +75,42 @@ def _walk(config, module: nn.Module, prefix: str) -> None:
             _walk(config, child, full_name_of(name, prefix))
 
 
-def lora_adapters(model: nn.Module):
-    """Every adapter module in `model`."""
-    for module in model.modules():
-        if is_lora_wrapper(module):
-            yield from module.lora_adapters()
-
-
 def unmatched_patterns(config, chunks) -> list[str]:
     """Target patterns that select none of the wrapped modules."""
-    wrapped = [full for chunk in chunks for full, m in chunk.named_modules() if is_lora_wrapper(m)]
+    wrapped = [full for chunk in chunks for full, _ in named_lora_wrappers(chunk)]
     return [p for p in config.target_modules
             if not any(pattern_matches(p, full.rsplit(".", 1)[-1], full) for full in wrapped)]
 
 
 def freeze_all(model, training: bool = True) -> None:
-    """Freeze every parameter; train mode when training (LoRA's freeze_model)."""
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
+    """Freeze every parameter; train mode when training (LoRA's freeze_model).
+
+    Args:
+        model (nn.Module | list[nn.Module]): a model or its pipeline chunks.
+        training (bool): put the model in train mode (else leave its mode). Default: True.
+    """
+    for chunk in _chunks(model):
         chunk.requires_grad_(False)
         chunk.train(training)
 
 
 def apply_lora(model, config, training: bool = True):
-    """Freeze `model`, wrap every matched linear with an adapter, and set train/eval; returns model."""
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    """Freeze `model`, wrap every matched linear with an adapter, and set train/eval; returns model.
+
+    Args:
+        model (nn.Module | list[nn.Module]): a model or its pipeline chunks, changed in place.
+        config (LoRAConfig): what to adapt; its `freeze_model(chunks, training)` is used when it has
+            one (LoRA, VLMLoRA), else every parameter is frozen.
+        training (bool): adapters trainable and train mode; False: everything frozen, eval mode.
+            Default: True.
+
+    Returns:
+        the same `model` object.
+
+    Warns:
+        UserWarning: naming the target_modules patterns that matched no module.
+    """
+    chunks = _chunks(model)
     getattr(config, "freeze_model", freeze_all)(chunks, training)
     for chunk in chunks:
         _walk(config, chunk, "")
@@ -123,3 +123,82 @@ def apply_lora(model, config, training: bool = True):
     if unmatched:
         warnings.warn(f"LoRA target_modules matched no module: {unmatched}", UserWarning, stacklevel=3)
     return model
+
+
+@torch.no_grad()
+def finalize_lora_grads(model) -> None:
+    """After backward: sum the gradients of adapters whose copies saw different tokens.
+
+    Shared grouped-expert adapters are summed over the EP group; router adapters under sequence
+    parallelism over the TP group (each names its group as `grad_sync_group`). Megatron does the same
+    in finalize_model_grads / grad hooks. A collective on every rank of those groups.
+
+    Args:
+        model (nn.Module | list[nn.Module]): a model or its pipeline chunks, after backward.
+    """
+    for chunk in _chunks(model):
+        for adapter in lora_adapters(chunk):
+            group = getattr(adapter, "grad_sync_group", None)
+            if group is None:
+                continue
+            for param in adapter.parameters():
+                if not param.requires_grad:
+                    continue
+                if param.grad is None:   # this rank's experts got no token: a zero contribution
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad, group=group)
+
+
+def _replace_children(module: nn.Module, replace) -> None:
+    for name, child in list(module.named_children()):
+        new = replace(child)
+        if new is not child:
+            setattr(module, name, new)
+        else:
+            _replace_children(child, replace)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, *, keep_wrappers: bool = False) -> nn.Module:
+    """Merge every LoRA adapter of `model` into its base weight (a collective under TP).
+
+    Args:
+        model (nn.Module): a model with adapters, or a single wrapper.
+        keep_wrappers (bool): False: each wrapper is replaced by its base layer carrying the merged
+            weight, leaving a model with no adapters. True: the wrappers stay, merged (their adapters
+            are no longer called), so that `unmerge_lora` can undo it. Default: False.
+
+    Returns:
+        nn.Module: `model` (changed in place), or the base layer when `model` is itself a wrapper and
+        keep_wrappers is False.
+    """
+    def replace(child):
+        if is_lora_wrapper(child):
+            child.merge_()
+            return child if keep_wrappers else child.to_wrap
+        return child
+
+    new_model = replace(model)
+    if new_model is model:
+        _replace_children(model, replace)
+    return new_model
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora(model, keep_wrappers=True)`: subtract each adapter again (up to rounding).
+
+    Args:
+        model (nn.Module): a model whose wrappers were merged in place.
+
+    Returns:
+        nn.Module: the same `model`.
+    """
+    for _, wrapper in named_lora_wrappers(model):
+        wrapper.unmerge_()
+    return model
+
+
+# build_adapter, is_lora_wrapper and lora_adapters were defined here before; they stay importable.
+__all__ = ["apply_lora", "transform", "freeze_all", "unmatched_patterns", "finalize_lora_grads", "merge_lora",
+           "unmerge_lora", "build_adapter", "is_lora_wrapper", "lora_adapters"]

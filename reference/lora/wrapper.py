@@ -1,4 +1,9 @@
-"""LoRALinear: a base linear layer and its adapter, y = base(x) + adapter(x)."""
+"""LoRALinear: a base linear layer and its adapter, y = base(x) + adapter(x).
+
+LoRALinear follows the wrapper protocol (reference/lora/protocol.py): `is_lora_wrapper`, `to_wrap`,
+`merged`, `lora_adapters()`, `merge_()`, `unmerge_()`; apply_lora, merge_lora and finalize_lora_grads
+use nothing else.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,13 @@ class LoRALinear(nn.Module):
 
     merge_() folds (alpha/r) B A into the base weight (float32 arithmetic, cast back) and stops
     calling the adapter; unmerge_() subtracts it again.
+
+    Args:
+        to_wrap (nn.Module): the base layer: ColumnParallelLinear, RowParallelLinear or nn.Linear.
+        adapter (nn.Module): its ParallelLinearAdapter, built from the base's layout (build_adapter).
+        share_communication (bool): let base and adapter share one set of collectives when they can
+            (see shares_communication); False: each communicates on its own, as Megatron-Bridge
+            does (the same math, more communication). Default: True.
     """
 
     is_lora_wrapper = True
@@ -34,6 +46,7 @@ class LoRALinear(nn.Module):
         return [self.adapter]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        """x: the base's input, e.g. (s, b, in) or a shard of it; returns what the base returns."""
         if self.shares_communication():
             return self._forward_sharing_communication(x)
         base = self.to_wrap(x, *args, **kwargs)
@@ -44,11 +57,17 @@ class LoRALinear(nn.Module):
         return (out, bias) if returns_tuple else out
 
     def shares_communication(self) -> bool:
-        """Whether base and adapter can share one set of collectives (a reference parallel base, TP > 1)."""
+        """Whether base and adapter can share one set of collectives: a reference parallel base (it
+        exposes prepare_input / local_output / finish_output) that communicates (TP > 1, not an
+        expert), and an adapter built for a base of the same kind."""
         base = self.to_wrap
-        return (self.share_communication and not self.merged and isinstance(base, (ColumnParallelLinear, RowParallelLinear))
-                and base.tp_size > 1 and not base.explicit_expert_comm
-                and getattr(self.adapter, "base_kind", None) == base.parallel_mode)
+        if not self.share_communication or self.merged:
+            return False
+        if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
+            return False
+        layout = base.layout
+        return (layout.tp_size > 1 and not layout.explicit_expert_comm
+                and getattr(self.adapter, "base_kind", None) == layout.kind)
 
     def _forward_sharing_communication(self, x: torch.Tensor):
         """base(x) + adapter(x) with the base's collectives done once for both (same math as forward).
@@ -65,7 +84,7 @@ class LoRALinear(nn.Module):
         x = base.prepare_input(x)                                              # column (s, b, in); row (s, b, in/t)
         local = base.local_output(x)                                           # (s, b, out/t) or partial (s, b, out)
         delta = adapter(x, caller_communicates=True).to(local.dtype)           # (s, b, out/t)
-        if base.parallel_mode == "column":
+        if base.layout.kind == "column":
             local = local + delta
         else:
             width = delta.shape[-1]
@@ -86,12 +105,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge_(self) -> None:
+        """Fold the update into the base weight (a collective under TP) and stop calling the adapter."""
         if not self.merged:
             self.to_wrap.weight.copy_(self._merged(1.0))
             self.merged = True
 
     @torch.no_grad()
     def unmerge_(self) -> None:
+        """Subtract the update from the base weight again (up to rounding) and call the adapter again."""
         if self.merged:
             self.to_wrap.weight.copy_(self._merged(-1.0))
             self.merged = False
+
+
+__all__ = ["LoRALinear"]

@@ -33,11 +33,7 @@ import torch.distributed as dist
 from torch.autograd import Function
 
 from .sharding import check_divisible
-from .state import get_parallel_state
-
-
-def _resolve(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    return get_parallel_state().tp_group if group is None else group
+from .state import resolve_tp_group
 
 
 def _size(group: dist.ProcessGroup) -> int:
@@ -46,9 +42,15 @@ def _size(group: dist.ProcessGroup) -> int:
 
 # ---- raw collectives (no autograd) --------------------------------------------------------------
 
-# torch 2.13 renamed the tensor-in/tensor-out all-gather; take whichever this torch has.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch 2.13 renamed the tensor-in/tensor-out all-gather; take whichever this torch has. Looked up at
+# every call (not bound at import), so that a tool wrapping torch.distributed's functions sees these.
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
+
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.contiguous().clone()  # a fresh tensor: the caller's input is never modified
@@ -219,17 +221,17 @@ def _needs_dims(name: str, x: torch.Tensor, ndim: int) -> None:
 
 
 def copy_to_tensor_parallel_region(x, group=None):
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     return x if _size(group) == 1 else _CopyToTensorParallelRegion.apply(x, group)
 
 
 def reduce_from_tensor_parallel_region(x, group=None):
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     return x if _size(group) == 1 else _ReduceFromTensorParallelRegion.apply(x, group)
 
 
 def scatter_to_tensor_parallel_region(x, group=None):
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     if _size(group) == 1:
         return x
     _needs_dims("scatter_to_tensor_parallel_region", x, 1)
@@ -238,7 +240,7 @@ def scatter_to_tensor_parallel_region(x, group=None):
 
 
 def gather_from_tensor_parallel_region(x, group=None):
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     if _size(group) == 1:
         return x
     _needs_dims("gather_from_tensor_parallel_region", x, 1)
@@ -246,7 +248,7 @@ def gather_from_tensor_parallel_region(x, group=None):
 
 
 def gather_from_sequence_parallel_region(x, group=None, tensor_parallel_output_grad=True):
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     if _size(group) == 1:
         return x
     _needs_dims("gather_from_sequence_parallel_region", x, 1)
@@ -254,7 +256,7 @@ def gather_from_sequence_parallel_region(x, group=None, tensor_parallel_output_g
 
 
 def scatter_to_sequence_parallel_region(x, group=None):
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     if _size(group) == 1:
         return x
     _needs_dims("scatter_to_sequence_parallel_region", x, 1)
@@ -263,7 +265,7 @@ def scatter_to_sequence_parallel_region(x, group=None):
 
 
 def reduce_scatter_to_sequence_parallel_region(x, group=None):
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     if _size(group) == 1:
         return x
     _needs_dims("reduce_scatter_to_sequence_parallel_region", x, 1)
@@ -273,7 +275,7 @@ def reduce_scatter_to_sequence_parallel_region(x, group=None):
 
 def all_to_all_hidden_to_sequence_parallel_region(x, group=None):
     """(s, b, h/t) hidden shards -> (s/t, b, h) sequence shards."""
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     if _size(group) == 1:
         return x
     _needs_dims("all_to_all_hidden_to_sequence_parallel_region", x, 2)
@@ -283,7 +285,7 @@ def all_to_all_hidden_to_sequence_parallel_region(x, group=None):
 
 def all_to_all_sequence_to_hidden_parallel_region(x, group=None):
     """(s/t, b, h) sequence shards -> (s, b, h/t) hidden shards."""
-    group = _resolve(group)
+    group = resolve_tp_group(group)
     if _size(group) == 1:
         return x
     _needs_dims("all_to_all_sequence_to_hidden_parallel_region", x, 2)

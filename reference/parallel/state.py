@@ -169,6 +169,21 @@ def get_parallel_state() -> ParallelState:
     return _STATE
 
 
+def resolve_tp_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
+    """`group` itself, or the current layout's TP group when it is None.
+
+    Every layer, adapter, merge and collective takes `tp_group=None` to mean "the TP group of the
+    current layout"; this is the one place that reads it (creating a world-1 layout if none is set).
+
+    Args:
+        group (dist.ProcessGroup | None): an explicit group, returned as it is. Default: None.
+
+    Returns:
+        dist.ProcessGroup: the group to communicate over.
+    """
+    return get_parallel_state().tp_group if group is None else group
+
+
 def destroy_model_parallel(forget_groups: bool = False) -> None:
     """Forget the current layout. The cached groups stay alive for reuse unless forget_groups, which
     makes the next layout create fresh groups (after a collective failed or timed out, the old ones

@@ -9,9 +9,9 @@ import torch.distributed as dist
 import reference.parallel as P
 from reference import ColumnParallelLinear, RowParallelLinear
 
-from .conftest import WORLD_SIZES
-from .distributed import run_distributed
-from .helpers import all_reduce_sum, assert_close, chunk, device, seeded, strided_chunk
+from ..conftest import WORLD_SIZES
+from ..distributed import run_distributed
+from ..helpers import all_reduce_sum, assert_close, chunk, device, seeded, strided_chunk
 
 S, B, IN, OUT = 8, 2, 12, 16
 

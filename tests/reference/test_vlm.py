@@ -17,8 +17,8 @@ import reference.parallel as P
 from reference import LoRA, LoRALinear, TinyVLM, VLMLoRA
 from reference.vlm import VLM_PARTS
 
-from .distributed import run_distributed
-from .helpers import device
+from ..distributed import run_distributed
+from ..helpers import device
 
 PARTS = ("vision_model", "vision_projection", "language_model")
 FLAGS = ("freeze_vision_model", "freeze_vision_projection", "freeze_language_model")

@@ -1,16 +1,12 @@
 """How much of the test suite's time is process start-up: time a worker pool's start and a no-op job.
 
-    python tools/harness_cost.py
+    python -m tests.harness_cost
 """
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.distributed import WorkerPool  # noqa: E402
-from tests.test_harness import ranks  # noqa: E402
+from tests.distributed import WorkerPool
+from tests.test_harness import ranks
 
 if __name__ == "__main__":
     for world in (1, 2, 4):

@@ -28,7 +28,7 @@ from reference.init import init_full_weight
 from reference.lora import matching as _matching
 from reference.lora.adapter import LoRAWeight, ParallelLinearAdapter
 from reference.lora.experts import ExpertAdapter
-from reference.lora.transform import build_adapter, is_lora_wrapper
+from reference.lora import build_adapter, is_lora_wrapper
 from reference.lora.wrapper import LoRALinear
 from reference.parallel import (
     all_to_all_hidden_to_sequence_parallel_region,
@@ -487,7 +487,7 @@ class ErrorOnlyOnRankZeroBackend(_Mutant):
     """A size error in apply_lora is raised on rank 0 only; the other ranks carry on without the adapter."""
 
     expected_clause = "LORA-ERR-1"
-    select = "config.lora_errors_are_raised_on_every_rank_before_any_collective"
+    select = "errors.lora_errors_are_raised_on_every_rank_before_any_collective"
 
     def apply_lora(self, model, config, training=True):
         try:

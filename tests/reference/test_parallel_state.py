@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 import reference.parallel as P
 
-from .distributed import run_distributed
+from ..distributed import run_distributed
 
 
 def layout(tp, ep, etp):

@@ -7,8 +7,8 @@ import torch.distributed as dist
 import reference.parallel as P
 from reference import ColumnParallelLinear, RowParallelLinear, TinyGPT, TinyGPTConfig
 
-from .distributed import run_distributed
-from .helpers import assert_close, device
+from ..distributed import run_distributed
+from ..helpers import assert_close, device
 
 
 def _logits(tp, sequence_parallel, gated, dtype=torch.float32):

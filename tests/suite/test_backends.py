@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conformance import declared as deviations
+from conformance.registry import load_all
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args, tmp_path, timeout=600, nproc=1):
@@ -70,9 +73,6 @@ REPORTS = ROOT / "docs" / "reports"
 def test_shipped_deviation_files_name_existing_properties(path):
     """Every entry of a shipped deviations file parses, has a reason and selects a property that exists
     (a renamed property would otherwise leave a stale entry that silently matches nothing)."""
-    from conformance import deviations
-    from conformance.registry import load_all
-
     entries = deviations.load(str(path))
     assert entries, path
     assert all(d.reason.strip() for d in entries)
@@ -83,9 +83,6 @@ def test_megatron_bridge_report_agrees_with_its_deviations():
     """The committed GPU run of Megatron-Bridge (it cannot run here) and its deviations file agree:
     nothing failed or xpassed, every xfailed property is covered by an entry of today's file, and every
     entry covers a property that failed in that run. Every property of today's suite is in the report."""
-    from conformance import deviations
-    from conformance.registry import load_all
-
     report = json.loads((REPORTS / "megatron_bridge_world2.json").read_text())
     assert report["header"]["complete"] is True and report["header"]["profile"] == "thorough"
     props = {p.id: p for p in load_all()}

@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 import reference.parallel as P
 
-from .conftest import WORLD_SIZES
-from .distributed import run_distributed
-from .helpers import assert_close, chunk, seeded
+from ..conftest import WORLD_SIZES
+from ..distributed import run_distributed
+from ..helpers import assert_close, chunk, seeded
 
 S, B, H = 8, 3, 12  # divisible by 1, 2 and 4
 

@@ -7,9 +7,9 @@ from torch import nn
 from reference import (ColumnParallelLinear, LoRA, LoRALinear, LoRAMerge, RowParallelLinear, TinyGPT,
                        TinyGPTConfig, merge_lora, unmerge_lora)
 
-from .conftest import WORLD_SIZES
-from .distributed import run_distributed
-from .helpers import (NoCollectives, all_reduce_sum, assert_close, chunk, device, gather_full, init_tp,
+from ..conftest import WORLD_SIZES
+from ..distributed import run_distributed
+from ..helpers import (NoCollectives, all_reduce_sum, assert_close, chunk, device, gather_full, init_tp,
                       seeded, strided_chunk)
 
 IN, OUT, DIM, ALPHA = 12, 16, 4, 8.0

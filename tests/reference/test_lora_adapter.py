@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conformance.layout import piece, shard_of
 import reference.parallel as P
 from reference import ColumnParallelLinear, LoRA, LoRALinear, RowParallelLinear, TinyGPT, TinyGPTConfig
 from reference.lora import build_adapter
 
-from .conftest import WORLD_SIZES
-from .distributed import run_distributed
-from .helpers import (NoCollectives, all_reduce_sum, assert_close, chunk, device, gather_full, init_tp,
+from ..conftest import WORLD_SIZES
+from ..distributed import run_distributed
+from ..helpers import (NoCollectives, all_reduce_sum, assert_close, device, gather_full, init_tp,
                       seeded, strided_chunk)
 
 S, BATCH, IN, OUT, DIM = 8, 2, 12, 16, 4
@@ -65,27 +66,21 @@ def _rt(kind, state):
 
 
 def _x_layout(kind, X, r, t, sp=False, input_is_parallel=True):
-    if kind == "column":
-        return chunk(X, 0, r, t) if sp else X                          # (s/t, b, in) or (s, b, in)
-    if kind == "row":
-        return chunk(X, -1, r, t) if input_is_parallel else X          # (s, b, in/t) or (s, b, in)
-    return X
+    """column: (s/t, b, in) under SP else (s, b, in); row: (s, b, in/t) or the full input."""
+    return piece(X, shard_of("input", kind, sp=sp, input_is_parallel=input_is_parallel), r, t)
 
 
 def _y_layout(kind, Y, r, t, sp=False, gather_output=False, stride=1):
-    if kind == "column":
-        return Y if gather_output else strided_chunk(Y, -1, r, t, stride)   # (s, b, out[/t])
-    if kind == "row":
-        return chunk(Y, 0, r, t) if sp else Y                                # (s[/t], b, out)
-    return Y
+    """column: (s, b, out/t) strided, or the full output; row: (s/t, b, out) under SP else (s, b, out)."""
+    return piece(Y, shard_of("output", kind, sp=sp, gather_output=gather_output, stride=stride), r, t)
 
 
 def _A_shard(kind, A, r, t):
-    return {"column": lambda: chunk(A, 0, r, t), "row": lambda: chunk(A, 1, r, t), "none": lambda: A}[kind]()
+    return piece(A, shard_of("A", kind), r, t)
 
 
 def _B_shard(kind, Bm, r, t, stride=1):
-    return Bm if kind == "none" else strided_chunk(Bm, 0, r, t, stride if kind == "column" else 1)
+    return piece(Bm, shard_of("B", kind, stride=stride), r, t)
 
 
 def _out(result, kind):

@@ -2,6 +2,9 @@
 and no activation-sized collective beyond the base's."""
 
 import itertools
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +16,10 @@ import reference
 import reference.parallel as P
 from reference import ColumnParallelLinear, RowParallelLinear
 
-from .distributed import run_distributed
-from .helpers import assert_close, chunk, seeded
+from ..distributed import run_distributed
+from ..helpers import assert_close, chunk, seeded
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import count_collectives  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 S, B, IN, OUT, R = 8, 2, 12, 16, 4
 
@@ -66,17 +68,23 @@ def test_shared_communication_gives_the_same_math(world_size):
     run_distributed(check_shared_equals_separate, world_size)
 
 
-def count_steps():
-    state = P.initialize_model_parallel(dist.get_world_size())
-    return {(kind, sp, lora): count_collectives.one_step(kind, sp, lora, tp_group=state.tp_group)
-            for kind in ("column", "row") for sp in (False, True) for lora in ("none", "separate", "shared")}
+def _count_steps(world_size: int) -> dict:
+    """tools/count_collectives.py --json under torchrun: (kind, sp, lora) -> counts."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={world_size}", str(ROOT / "tools" / "count_collectives.py"), "--json"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    return {(row["kind"], row["sp"], row["lora"]): row for row in rows}
 
 
 @pytest.mark.parametrize("world_size", [2])
 def test_lora_adds_no_activation_sized_collective(world_size):
     """[LORA-FWD-7] with shared communication LoRA adds only rank-sized collectives; separately it doubles
     the activation-sized ones (the check can fail)."""
-    counts = run_distributed(count_steps, world_size)[0]
+    counts = _count_steps(world_size)
     for kind in ("column", "row"):
         for sp in (False, True):
             base = counts[(kind, sp, "none")]["activation_sized"]

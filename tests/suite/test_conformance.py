@@ -4,7 +4,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node N -m conformance ...
 
 - the reference passes every property at worlds 1, 2 and 4 and every SPEC.md clause is covered;
-- every mutant of tests/mutant_backends.py is caught: its `expected_clause` comes out "failed";
+- every mutant of tests/suite/mutant_backends.py is caught: its `expected_clause` comes out "failed";
 - a hung collective becomes a failed "HANG" property and the run goes on; a dying rank ends the run;
 - deviations (xfail / xpass / skip / unmatched / malformed), CLI usage errors, the JSON, Markdown
   and JUnit reports, --replay and determinism under a fixed seed.
@@ -33,9 +33,9 @@ from xml.etree import ElementTree
 
 import pytest
 
-from tests import mutant_backends
+from tests.suite import mutant_backends
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPEC_CLAUSES = re.findall(r"^### \[([A-Z]+(?:-[A-Z0-9]+)+)\]", (REPO / "SPEC.md").read_text(), flags=re.M)
 OK_CLAUSE_STATUSES = ("passed", "not applicable")
 TMP = Path(tempfile.mkdtemp(prefix="conformance-tests-"))
@@ -103,7 +103,7 @@ def conformance(*args: str, world: int = 2, backend: str | None = None, timeout:
 
 
 def _mutant_spec(cls) -> str:
-    return f"tests.mutant_backends:{cls.__name__}"
+    return f"tests.suite.mutant_backends:{cls.__name__}"
 
 
 # ---- the reference ---------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def test_malformed_deviation_line_is_a_usage_error():
     (["--replay", "forward.linear_forward_matches_full_math={not json"], "--replay"),
     (["--replay", "no.such_property={}"], "no property 'no.such_property'"),
     (["--backend", "no_such_package.module:Backend"], "no_such_package"),
-    (["--backend", "tests.mutant_backends:NoSuchBackend"], "NoSuchBackend"),
+    (["--backend", "tests.suite.mutant_backends:NoSuchBackend"], "NoSuchBackend"),
     (["--backend", "not-a-spec"], "pkg.module:ClassName"),
 ], ids=["profile", "max-examples", "k-expression", "replay-no-equals", "replay-bad-json", "replay-unknown-id",
         "backend-module", "backend-class", "backend-spec"])

@@ -27,10 +27,12 @@ from torch import nn
 import reference.parallel as P
 from reference import LoRA, LoRALinear, TinyGPT, TinyGPTConfig, finalize_lora_grads
 from reference.lora.experts import is_expert_linear
-from reference.moe import MoELayer, dense_moe_reference
+from reference.moe import MoELayer
 
-from .distributed import run_distributed
-from .helpers import all_reduce_sum, assert_close, chunk, device, rank_seed, seeded
+from ..distributed import run_distributed
+from ..helpers import all_reduce_sum, assert_close, chunk, device, rank_seed, seeded
+from ..helpers import gather_full as gather
+from .oracles import dense_moe_reference
 
 H, FFN, E, K, S, BATCH = 8, 8, 4, 2, 8, 2
 SHARED = 8
@@ -62,18 +64,6 @@ def build_block(tp, *, grouped=True, gated=False, shared=None, dtype=torch.float
     torch.manual_seed(seed)
     return MoEBlock(grouped=grouped, gated=gated, shared_expert_size=shared, sequence_parallel=tp > 1,
                     device=device(), dtype=dtype)
-
-
-def gather(t, dim, group, stride=1):
-    """The full tensor from every rank's shard of `t` along `dim` (strided blocks as in SPEC TP-COL-1)."""
-    t = t.detach().contiguous()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return t.clone()
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t, group=group)
-    per_rank = [p.chunk(stride, dim) for p in parts]
-    return torch.cat([torch.cat([p[k] for p in per_rank], dim) for k in range(stride)], dim)
 
 
 def grad_of(param):

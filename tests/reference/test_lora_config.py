@@ -19,10 +19,10 @@ from reference import ColumnParallelLinear, LoRA, LoRALinear, RowParallelLinear,
 from reference.lora import LoRAConfig, pattern_matches
 
 # Megatron-Bridge 0.6.2's LoRA defaults, written out once in the suite (not taken from the reference).
-from conformance.properties.config import DEFAULTS as MEGATRON_BRIDGE_DEFAULTS
+from conformance.configs import SPEC_DEFAULTS as MEGATRON_BRIDGE_DEFAULTS
 
-from .distributed import BACKEND, run_distributed
-from .helpers import all_reduce_sum, device
+from ..distributed import BACKEND, run_distributed
+from ..helpers import all_reduce_sum, device
 
 NUM_LAYERS = 12
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
