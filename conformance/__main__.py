@@ -250,11 +250,13 @@ def main(argv=None) -> int:
             outcome = Outcome(prop, SKIP, reason=deviation.reason)
         else:
             watch.update(property=prop.id, started=time.monotonic())
-            outcome = run_property(prop, ctx, backend, options, progress, replay)
+            scoped = deviation if deviation is not None and deviation.scope else None
+            outcome = run_property(prop, ctx, backend, options, progress, replay, scoped)
             watch.update(property=None, started=None)
             if deviation is not None:
-                outcome.reason = deviation.reason
-                outcome.status = XFAIL if outcome.status == FAIL else XPASS
+                outcome.reason = deviation.reason + (f" [scope: {deviation.scope_text()}]" if scoped else "")
+                if not scoped:
+                    outcome.status = XFAIL if outcome.status == FAIL else XPASS
         outcomes.append(outcome)
         if rank == 0:
             line = f"[{index:>3}/{len(selected)}] {prop.id:<55} {outcome.status:<15} {outcome.examples:>4} ex {outcome.seconds:6.2f}s"

@@ -15,6 +15,7 @@ SPEC.md and full-matrix float64 math.
         def adapter_weights(self, wrapped): ...               # -> (A, B) this rank's parameters
         def merge_weight(self, base_weight, linear_out, linear_in, alpha, dim, *, tp_size, tp_group): ...
         def merge_model(self, model): ...
+        def set_adapters_enabled(self, model, enabled): ...  # adapters off (the base model) / on
 
 Conventions (those of Megatron, see SPEC.md):
 - Activations are (s, b, h). A column layer's forward takes the replicated input (or the sequence
@@ -54,6 +55,11 @@ CAPABILITIES = {
     "vlm": "vision-language models (make_model 'vlm') and VLMLoRA freezing",
     "config_validation": "rejects bad LoRA configs at construction (validate_config)",
     "relayout": "switching TP sizes within one run (properties that compare TP=1 with TP=world)",
+    "disable_adapters": "turning a model's adapters off and on again (set_adapters_enabled)",
+    "sp_input_regather": "sequence_parallel_input_regather: column adapters under SP keep only the input's "
+                         "sequence shard for backward",
+    "shared_outer_loras": "experts_shared_outer_loras: grouped experts share fc1's A and fc2's B, the other "
+                          "factor per expert (with 'moe')",
 }
 
 
@@ -165,6 +171,11 @@ class Backend:
 
     def finalize_grads(self, model: nn.Module) -> None:
         """After backward, before the optimizer step (e.g. sum shared-expert adapter grads)."""
+
+    def set_adapters_enabled(self, model: nn.Module, enabled: bool) -> None:
+        """Turn every adapter of `model` (a model after apply_lora) off (False: the model computes as
+        its base model) or on again (True). Capability "disable_adapters"."""
+        raise NotImplementedError
 
     # -- merge --------------------------------------------------------------------------------
     def merge_weight(self, base_weight, linear_out, linear_in, alpha, dim, *, tp_size, tp_group):

@@ -30,6 +30,8 @@ SPEC_DEFAULTS = {
     "lora_dtype": None,
     "normalize_moe_lora": False,
     "share_expert_adapters": True,
+    "sequence_parallel_input_regather": False,
+    "experts_shared_outer_loras": False,
 }
 
 

@@ -14,7 +14,8 @@ backend's code):
 - how each module's adapter is sharded ([LORA-FWD-2], [MOE-FWD-1]): by the module's name
   (`linear_qkv`, `linear_fc1`, `output_layer` are column-parallel; `linear_proj`, `linear_fc2` are
   row-parallel; `router` is replicated; expert linears shard over the expert-TP group, dense ones
-  over the TP group; per-expert grouped adapters are stacked `(E_local, ...)`).
+  over the TP group; per-expert grouped adapters are stacked `(E_local, ...)`; with shared outer
+  factors ([MOE-SHARE-3]) only fc1's B and fc2's A are stacked).
 
 `AdapterPlan` turns that into full shapes, this rank's shard shapes, the suite's full A and B for a
 module (drawn from the module's name, so the same at every layout) and the pieces to load.
@@ -134,10 +135,15 @@ class AdapterPlan:
     index: int
     experts: list | None = None    # global ids of the stacked local experts (per-expert grouped adapters)
     expert_id: int | None = None   # the global id of a sequential expert
+    shared_factor: str | None = None   # with `experts`: "A" or "B", one tensor for all experts ([MOE-SHARE-3])
 
     @property
     def full_shapes(self) -> tuple[tuple, tuple]:
         return (self.rank, self.in_features), (self.out_features, self.rank)
+
+    def stacked(self, which: str) -> bool:
+        """Whether factor `which` ("A" or "B") is stacked per local expert on this rank."""
+        return self.experts is not None and which != self.shared_factor
 
     def shard(self, which: str) -> Shard:
         """Where this rank's piece of A or B lies (SPEC [LORA-FWD-2])."""
@@ -151,9 +157,8 @@ class AdapterPlan:
         A = torch.empty(r, i, device="meta")
         B = torch.empty(o, r, device="meta")
         a, b = tuple(self._piece(A, "A").shape), tuple(self._piece(B, "B").shape)
-        if self.experts is not None:
-            return (len(self.experts), *a), (len(self.experts), *b)
-        return a, b
+        n = () if self.experts is None else (len(self.experts),)
+        return (n + a if self.stacked("A") else a), (n + b if self.stacked("B") else b)
 
     def keys(self) -> list[str]:
         """Names the full tensors are drawn from: one per module, one per global expert if per expert
@@ -161,8 +166,20 @@ class AdapterPlan:
         if self.expert_id is not None:
             return [re.sub(r"local_experts\.\d+\.", f"expert{self.expert_id}.", self.name)]
         if self.experts is not None:
-            return [re.sub(r"experts\.(linear_fc[12])$", rf"experts.expert{g}.\1", self.name) for g in self.experts]
+            return [self.expert_key(g) for g in self.experts]
         return [self.name]
+
+    def expert_key(self, g: int) -> str:
+        """The name global expert g's tensors of a grouped module are drawn from."""
+        return re.sub(r"experts\.(linear_fc[12])$", rf"experts.expert{g}.\1", self.name)
+
+    def all_experts_full(self, ctx, seed: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A grouped module's full A and B for all `num_experts` experts: a per-expert factor stacked
+        (E, ...), a shared one 2-D (float64, as local_pieces draws them)."""
+        pairs = [self.full_tensors(ctx, seed, self.expert_key(g)) for g in range(num_experts)]
+        shared = self.full_tensors(ctx, seed, self.name) if self.shared_factor else None
+        return tuple(torch.stack([pair[i] for pair in pairs]) if self.stacked(which) else shared[i]
+                     for i, which in enumerate("AB"))
 
     def full_tensors(self, ctx, seed: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The suite's full A (r, in) and B (out, r) for `key`, float64, the same on every rank and layout."""
@@ -171,22 +188,26 @@ class AdapterPlan:
         return (ctx.randn((r, i), base, scale=i ** -0.5), ctx.randn((o, r), base + 1, scale=r ** -0.5))
 
     def local_pieces(self, ctx, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's A and B; a shared outer factor is drawn from the module's own name."""
         pairs = [self.full_tensors(ctx, seed, key) for key in self.keys()]
-        A = [self._piece(a, "A") for a, _ in pairs]
-        B = [self._piece(b, "B") for _, b in pairs]
-        if self.experts is not None:
-            return torch.stack(A), torch.stack(B)
-        return A[0], B[0]
+        shared = self.full_tensors(ctx, seed, self.name) if self.shared_factor else None
+        pieces = []
+        for i, which in enumerate("AB"):
+            if self.stacked(which):
+                pieces.append(torch.stack([self._piece(pair[i], which) for pair in pairs]))
+            else:
+                pieces.append(self._piece((pairs[0] if shared is None else shared)[i], which))
+        return tuple(pieces)
 
     def gather(self, ctx, local: torch.Tensor, which: str) -> torch.Tensor:
         """The full tensor (or stack) from this rank's shard `local` of A or B."""
         if self.size == 1:
             return local.detach().clone()
-        return gather(local, self.shard(which), self.group, offset=1 if self.experts is not None else 0)
+        return gather(local, self.shard(which), self.group, offset=1 if self.stacked(which) else 0)
 
 
 def adapter_plan(name: str, spec: ModelSpec, groups, dim: int, *, normalize: bool = False,
-                 share: bool = True) -> AdapterPlan:
+                 share: bool = True, outer: bool = False) -> AdapterPlan:
     """The SPEC layout of the adapter of module `name` in a model built from `spec` (see the docstring)."""
     short = name.rsplit(".", 1)[-1]
     h, ffn, E, k = spec.hidden_size, spec.ffn_hidden_size, spec.num_moe_experts, spec.moe_router_topk
@@ -204,6 +225,9 @@ def adapter_plan(name: str, spec: ModelSpec, groups, dim: int, *, normalize: boo
         sequential = re.search(r"local_experts\.(\d+)\.", name)
         if sequential:
             plan.expert_id = first + int(sequential.group(1))
+        elif outer:                    # experts_shared_outer_loras: fc1's A and fc2's B shared
+            plan.experts = list(range(first, first + e_local))
+            plan.shared_factor = "A" if short == "linear_fc1" else "B"
         elif not share:
             plan.experts = list(range(first, first + e_local))
         return plan

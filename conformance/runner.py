@@ -128,20 +128,29 @@ def reproduce_command(options: RunOptions, prop: Property, example: dict | None)
 
 
 def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Progress,
-                 replay: dict | None = None) -> Outcome:
-    """Run one property's examples on every rank; the Outcome is the same on every rank."""
+                 replay: dict | None = None, scoped=None) -> Outcome:
+    """Run one property's examples on every rank; the Outcome is the same on every rank.
+
+    scoped: a declared deviation with a scope (conformance/declared.py): examples inside it must
+    fail (their failures are recorded, not raised), examples outside it must pass."""
     budget = prop.max_examples(options.budget)
     start = time.monotonic()
-    state = {"examples": 0, "last_failing": None}
+    state = {"examples": 0, "last_failing": None, "in_scope_failed": None, "in_scope_passed": None}
 
     def check(example: dict) -> None:
         state["examples"] += 1
         progress.tick(prop, state["examples"], budget, start)
+        inside = scoped is not None and scoped.in_scope(example, ctx.world_size)   # the same on every rank
         try:
             spmd_call(ctx, lambda: prop.fn(ctx, backend, example))
-        except AssertionError:
+        except AssertionError as error:
+            if inside:
+                state["in_scope_failed"] = state["in_scope_failed"] or (example, _first_lines(str(error)))
+                return
             state["last_failing"] = example   # hypothesis replays the minimal example last
             raise
+        if inside and state["in_scope_passed"] is None:
+            state["in_scope_passed"] = example
 
     try:
         if replay is not None:
@@ -166,8 +175,25 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
     except Exception as error:   # noqa: BLE001 - e.g. a strategy that raised: report it, run the rest
         status, message = FAIL, f"the property itself raised (not an example): {type(error).__name__}: {error}"
     example = state["last_failing"] if status == FAIL else None
+    if scoped is not None:
+        status, message, example = _scoped_verdict(scoped, status, message, example, state)
     return Outcome(prop, status, state["examples"], time.monotonic() - start, message, example,
-                   reproduce=reproduce_command(options, prop, example) if status == FAIL else "")
+                   reproduce=reproduce_command(options, prop, example)
+                   if status == FAIL or (status in (XFAIL, XPASS) and example is not None) else "")
+
+
+def _scoped_verdict(scoped, status, message, example, state):
+    """(status, message, example) of a property run under a scoped deviation: a failure outside the
+    scope fails; inside, a passing example is an XPASS and failures are the declared XFAIL."""
+    where = f"[{scoped.scope_text()}]"
+    if status == FAIL:
+        return FAIL, f"failed outside the declared scope {where}:\n{message}", example
+    if state["in_scope_passed"] is not None:
+        return XPASS, f"passed inside the declared scope {where}", state["in_scope_passed"]
+    if state["in_scope_failed"] is not None:
+        failing, text = state["in_scope_failed"]
+        return XFAIL, text, failing
+    return PASS, "", None
 
 
 def _first_lines(text: str, limit: int = 40) -> str:

@@ -12,7 +12,8 @@
 
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .layout import BaseLayout, layout_of
-from .lora import LoRA, LoRALinear, ParallelLinearAdapter, apply_lora, finalize_lora_grads, merge_lora, unmerge_lora
+from .lora import (LoRA, LoRALinear, ParallelLinearAdapter, apply_lora, disabled_adapters, finalize_lora_grads,
+                   merge_lora, set_adapters_enabled, unmerge_lora)
 from .merge import LoRAMerge, merge_lora_shard, merge_lora_weight
 from .models import TinyGPT, TinyGPTConfig, TinyVLM
 from .moe import MoELayer
@@ -32,4 +33,6 @@ __all__ = [
     "init_distributed", "initialize_model_parallel", "get_parallel_state", "destroy_model_parallel",
     # added with the redesign
     "BaseLayout", "layout_of", "apply_lora", "merge_lora_shard", "merge_lora_weight", "resolve_tp_group",
+    # parity with Megatron-Bridge 0.6.2
+    "set_adapters_enabled", "disabled_adapters",
 ]

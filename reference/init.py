@@ -23,8 +23,11 @@ NORMAL_STD = 0.2
 
 
 def check_init_method(field: str, method) -> None:
+    """A ValueError naming `field` and the allowed methods when `method` is not one (SPEC [LORA-CFG-2])."""
     if method not in INIT_METHODS:
-        raise ValueError(f"{field} must be one of {list(INIT_METHODS)}, got {method!r}")
+        # Megatron-Bridge's "uniform" (nn.Linear bases only) is kaiming-uniform: say so.
+        hint = "; for kaiming-uniform (Megatron-Bridge's 'uniform') use 'kaiming'" if method == "uniform" else ""
+        raise ValueError(f"{field} must be one of {list(INIT_METHODS)}, got {method!r}{hint}")
 
 
 def init_full_weight(shape: tuple[int, int], method: str, *, field: str = "init_method") -> torch.Tensor:

@@ -125,7 +125,7 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) 
 class MegatronBridgeBackend(Backend):
     name = "megatron-bridge"
     capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
-                              "merge", "models", "relayout", "config_validation", "vlm"})
+                              "merge", "models", "relayout", "config_validation", "vlm", "disable_adapters"})
 
     def __init__(self):
         self._layout = None
@@ -241,7 +241,9 @@ class MegatronBridgeBackend(Backend):
                       dropout_position=config.dropout_position, lora_A_init_method=config.lora_A_init_method,
                       lora_B_init_method=config.lora_B_init_method, a2a_experimental=config.a2a_experimental,
                       lora_dtype=config.lora_dtype, normalize_moe_lora=config.normalize_moe_lora,
-                      share_expert_adapters=config.share_expert_adapters)
+                      share_expert_adapters=config.share_expert_adapters,
+                      sequence_parallel_input_regather=config.sequence_parallel_input_regather,
+                      experts_shared_outer_loras=config.experts_shared_outer_loras)
         if hasattr(config, "freeze_vision_model"):
             return m.VLMLoRA(**fields, freeze_vision_model=config.freeze_vision_model,
                              freeze_vision_projection=config.freeze_vision_projection,
@@ -270,6 +272,16 @@ class MegatronBridgeBackend(Backend):
     def base_weight(self, wrapped):
         m = megatron()
         return wrapped.weight if isinstance(wrapped, m.LinearAdapter) else wrapped.to_wrap.weight
+
+    def set_adapters_enabled(self, model, enabled):
+        """Megatron-Bridge's own switches: enable_adapter_layers / disable_adapter_layers of each
+        AdapterWrapper (LoRALinear, LoRATopKRouter) and LinearAdapter, as its PEFT.enable_adapter_layers
+        and disable_adapter_layers call them."""
+        for chunk in model if isinstance(model, (list, tuple)) else [model]:
+            for module in chunk.modules():
+                switch = getattr(module, "enable_adapter_layers" if enabled else "disable_adapter_layers", None)
+                if callable(switch):
+                    switch()
 
     def merge_weight(self, base_weight, linear_out, linear_in, alpha, dim, *, tp_size, tp_group):
         return megatron().LoRAMerge().merge(base_weight, linear_out, linear_in, alpha, dim, tp_group=tp_group)

@@ -93,7 +93,8 @@ def _plain(parallel_layer) -> nn.Linear:
 
 class PeftBackend(Backend):
     name = "peft"
-    capabilities = frozenset({"linear", "dropout_position", "init_methods", "merge_model", "models"})
+    capabilities = frozenset({"linear", "dropout_position", "init_methods", "merge_model", "models",
+                              "disable_adapters"})
 
     def describe(self) -> str:
         return f"HF PEFT {_peft().__version__} (LoRA on nn.Linear, TP=1), torch {torch.__version__}"
@@ -150,6 +151,12 @@ class PeftBackend(Backend):
 
     def merge_weight(self, base_weight, linear_out, linear_in, alpha, dim, *, tp_size, tp_group):
         raise NotImplementedError("PEFT has no tensor merge helper")
+
+    def set_adapters_enabled(self, model, enabled):
+        """PEFT's own switch on each LoRA layer (BaseTunerLayer.enable_adapters; it also sets the
+        adapters' requires_grad: off while disabled, on again for the active adapter)."""
+        for module in self.lora_modules(model).values():
+            module.enable_adapters(enabled)
 
     def merge_model(self, model):
         peft = _peft()

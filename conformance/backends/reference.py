@@ -15,7 +15,8 @@ from ..backend import Backend, Groups, LinearSpec, ModelSpec, plain_linear
 class ReferenceBackend(Backend):
     name = "reference"
     capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
-                              "merge", "merge_model", "models", "moe", "vlm", "config_validation", "relayout"})
+                              "merge", "merge_model", "models", "moe", "vlm", "config_validation", "relayout",
+                              "disable_adapters", "sp_input_regather", "shared_outer_loras"})
 
     def describe(self) -> str:
         return f"reference (this repository), torch {torch.__version__}"
@@ -76,6 +77,9 @@ class ReferenceBackend(Backend):
 
     def merge_model(self, model):
         return reference.merge_lora(model)
+
+    def set_adapters_enabled(self, model, enabled):
+        reference.set_adapters_enabled(model, enabled)
 
 
 class SeparateCommunicationReferenceBackend(ReferenceBackend):

@@ -7,8 +7,8 @@ from ..layout import example_shard
 from ..registry import prop
 
 
-def _check_backward(ctx, backend, ex):
-    built = build(ctx, backend, ex)
+def _check_backward(ctx, backend, ex, **lora_overrides):
+    built = build(ctx, backend, ex, **lora_overrides)
     X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
     G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
     _, _, x = run(ctx, built, X, G)
@@ -41,6 +41,17 @@ def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
     if ex["a2a"] and "a2a" not in backend.capabilities:
         ex = dict(ex, a2a=False)
     _check_backward(ctx, backend, ex)
+
+
+@prop("LORA-FWD-10", "LORA-BWD-1", "LORA-BWD-2", needs={"tp", "sp", "sp_input_regather"}, min_world=2,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def sp_input_regather_gradients_match_full_math(ctx, backend, ex):
+    """sequence_parallel_input_regather: dA (from the re-gathered input), dB and dx still equal the
+    full-matrix gradients."""
+    if ex["a2a"] and "a2a" not in backend.capabilities:
+        ex = dict(ex, a2a=False)
+    _check_backward(ctx, backend, ex, sequence_parallel_input_regather=True)
 
 
 @prop("LORA-FWD-8", needs={"tp"}, min_world=2,

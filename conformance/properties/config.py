@@ -23,6 +23,8 @@ CHOICES = {
     "lora_dtype": ("lora_dtype", ["bfloat16", "float16", "float32"]),
     "normalize_moe_lora": ("moe", [True]),
     "share_expert_adapters": ("moe", [False]),
+    "sequence_parallel_input_regather": ("sp_input_regather", [True]),
+    "experts_shared_outer_loras": ("shared_outer_loras", [True]),
 }
 
 
@@ -72,7 +74,8 @@ BAD_VALUES = [
     ("target_modules", "linear_qkv", (TypeError,)), ("target_modules", [3], (TypeError,)),
     ("target_modules", [""], (ValueError, TypeError)), ("exclude_modules", [None], (TypeError,)),
     ("a2a_experimental", 1, (TypeError,)), ("normalize_moe_lora", "yes", (TypeError,)),
-    ("share_expert_adapters", None, (TypeError,)),
+    ("share_expert_adapters", None, (TypeError,)), ("sequence_parallel_input_regather", 1, (TypeError,)),
+    ("experts_shared_outer_loras", "yes", (TypeError,)),
 ]
 
 

@@ -27,8 +27,8 @@ from ..layout import example_shard, gather
 from ..registry import prop
 
 
-def _check_forward(ctx, backend, ex, what):
-    built = build(ctx, backend, ex)
+def _check_forward(ctx, backend, ex, what, **lora_overrides):
+    built = build(ctx, backend, ex, **lora_overrides)
     X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
     G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
     y, returned_bias, _ = run(ctx, built, X, G)
@@ -79,6 +79,46 @@ def a2a_forward_matches_full_math(ctx, backend, ex):
     """a2a_experimental gives the same output (row under SP) and changes nothing elsewhere."""
     ex = dict(ex, a2a=True)
     _check_forward(ctx, backend, ex, "a2a_experimental forward")
+
+
+@prop("LORA-FWD-10", "LORA-FWD-3", needs={"tp", "sp", "sp_input_regather"}, min_world=2,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def sp_input_regather_forward_matches_full_math(ctx, backend, ex):
+    """sequence_parallel_input_regather under SP (column linear_qkv and row bases, a2a when drawn and
+    supported): the output is still base + (alpha/r) B A x."""
+    if ex["a2a"] and "a2a" not in backend.capabilities:
+        ex = dict(ex, a2a=False)
+    _check_forward(ctx, backend, ex, "forward with sequence_parallel_input_regather",
+                   sequence_parallel_input_regather=True)
+
+
+@prop("LORA-FWD-10", needs={"tp", "sp", "sp_input_regather"}, min_world=2, weight=0.5,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column",), sp=(True,), dtypes=("float32",),
+                                          tp=[t for t in ctx.tp_sizes if t > 1]))
+def sp_input_regather_keeps_only_the_sequence_shard(ctx, backend, ex):
+    """With sequence_parallel_input_regather, a training step of a column linear_qkv layer under SP
+    saves nothing for backward as large as the gathered input (s, b, in): its A keeps the shard."""
+    t = ex["tp"]
+    # Sizes where the gathered input (s, b, in) is larger than anything else autograd may keep.
+    ex = dict(ex, dim=t, s=4 * t, b=2, **{"in": 8 * t, "out": 2 * t * ex["stride"]})
+    built = build(ctx, backend, ex, sequence_parallel_input_regather=True)
+    X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10, dtype=built.dtype)
+    x = local_piece(X, example_shard("input", ex), built.groups).clone().requires_grad_(True)
+    sizes = []
+
+    def pack(tensor):
+        sizes.append((tensor.numel(), tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = built.wrapped(x)
+    (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    full = ex["s"] * ex["b"] * ex["in"]
+    large = [shape for numel, shape in sizes if numel >= full]
+    ctx.check(not large, f"sequence_parallel_input_regather at tp={t}: tensors of shapes {large} are kept for "
+                         f"backward, as large as the gathered input {(ex['s'], ex['b'], ex['in'])}; only the "
+                         f"sequence shard {(ex['s'] // t, ex['b'], ex['in'])} should be")
 
 
 @prop("LORA-FWD-5",

@@ -50,11 +50,37 @@ def _check_distribution(ctx, W: torch.Tensor, method: str, fan_in: int, fan_out:
         std = bound / math.sqrt(3)
     else:
         std = math.sqrt(2 / (fan_in + fan_out)) if method == "xavier" else 0.2
+        # A normal distribution, not another of the same std: in n >= 1000 draws some |x| exceeds 3 std
+        # all but surely (P = 1 - 0.9973^n), which no uniform (max sqrt(3) std) reaches.
+        largest = W.abs().max().item()
+        ctx.check(n < 1000 or largest > 3 * std,
+                  f"{what}: max |x| = {largest:.5f} <= 3 std = {3 * std:.5f}: not normally distributed "
+                  f"(a uniform distribution of that std stops at {math.sqrt(3) * std:.5f})")
     mean, sample_std = W.mean().item(), W.std().item()
     ctx.check(abs(mean) <= 6 * std / math.sqrt(n), f"{what}: mean {mean:.5f}, expected 0 (std {std:.5f}, n={n})")
     ctx.check(abs(sample_std / std - 1) <= 0.05,
               f"{what}: std {sample_std:.5f}, expected {std:.5f} "
               f"(fans of the full matrix: in {fan_in}, out {fan_out})")
+
+
+def _check_methods(ctx, backend, kind: str, t: int, shift: int, seed: int) -> None:
+    """Every method for A with one for B (shifted by `shift`), on a base of `kind` at TP t."""
+    # d large next to `in` (and d next to `out`), so fans of a shard would visibly change xavier and
+    # kaiming: a column A shard is (d/t x in), a row A shard (d x in/t), a B shard (out/t x d).
+    dim, in_features, out_features = 128, 64, 128
+    for i, method_A in enumerate(METHODS):
+        method_B = METHODS[(i + shift) % len(METHODS)]
+        ex = _layer(kind, t, seed + i, dim=dim, **{"in": in_features, "out": out_features})
+        base = build_base(ctx, backend, ex)
+        built = add_lora(ctx, backend, base, load_adapter=False, torch_seed=ex["seed"],
+                         lora_A_init_method=method_A, lora_B_init_method=method_B)
+        A, B = _full_adapter(ctx, backend, built)
+        where = f"{kind} base, tp={t}"
+        ctx.check(tuple(A.shape) == (dim, in_features) and tuple(B.shape) == (out_features, dim),
+                  f"gathered A {tuple(A.shape)} and B {tuple(B.shape)} ({where}); expected "
+                  f"{(dim, in_features)} and {(out_features, dim)}")
+        _check_distribution(ctx, A, method_A, in_features, dim, f"A ({where})")
+        _check_distribution(ctx, B, method_B, dim, out_features, f"B ({where})")
 
 
 @prop("LORA-INIT-1", needs={"init_methods", "tp"}, weight=0.5,
@@ -63,23 +89,15 @@ def _check_distribution(ctx, W: torch.Tensor, method: str, fan_in: int, fan_out:
 def init_methods_draw_the_full_matrix_distribution(ctx, backend, drawn):
     """At TP = world, each method gives the full A (d x in) and B (out x d) its distribution, with
     the fans of the full matrix: xavier normal, kaiming uniform 1/sqrt(fan_in), normal 0.2, zero."""
-    t = ctx.world_size
-    # d large next to `in` (and d next to `out`), so fans of a shard would visibly change xavier and
-    # kaiming: a column A shard is (d/t x in), a row A shard (d x in/t), a B shard (out/t x d).
-    dim, in_features, out_features = 128, 64, 128
-    for i, method_A in enumerate(METHODS):
-        method_B = METHODS[(i + drawn["shift"]) % len(METHODS)]
-        ex = _layer(drawn["kind"], t, drawn["seed"] + i, dim=dim, **{"in": in_features, "out": out_features})
-        base = build_base(ctx, backend, ex)
-        built = add_lora(ctx, backend, base, load_adapter=False, torch_seed=ex["seed"],
-                         lora_A_init_method=method_A, lora_B_init_method=method_B)
-        A, B = _full_adapter(ctx, backend, built)
-        where = f"{ex['kind']} base, tp={t}"
-        ctx.check(tuple(A.shape) == (dim, in_features) and tuple(B.shape) == (out_features, dim),
-                  f"gathered A {tuple(A.shape)} and B {tuple(B.shape)} ({where}); expected "
-                  f"{(dim, in_features)} and {(out_features, dim)}")
-        _check_distribution(ctx, A, method_A, in_features, dim, f"A ({where})")
-        _check_distribution(ctx, B, method_B, dim, out_features, f"B ({where})")
+    _check_methods(ctx, backend, drawn["kind"], ctx.world_size, drawn["shift"], drawn["seed"])
+
+
+@prop("LORA-INIT-1", needs={"init_methods", "linear"}, weight=0.5,
+      strategy=lambda ctx: st.fixed_dictionaries({"shift": st.integers(0, 3), "seed": st.integers(0, 2**16)}))
+def init_methods_on_plain_linear_bases(ctx, backend, drawn):
+    """A plain nn.Linear base's adapter: each method gives A and B their distribution, the same
+    methods as on parallel bases (xavier normal, kaiming uniform 1/sqrt(fan_in), normal 0.2, zero)."""
+    _check_methods(ctx, backend, "linear", 1, drawn["shift"], drawn["seed"])
 
 
 @prop("LORA-INIT-2", needs={"relayout", "tp"}, min_world=2,

@@ -5,9 +5,17 @@ lists; every other parameter is a base parameter. For TP invariance the suite dr
 of every LoRA module from the module's name (conformance/model_case.py) and writes this rank's SPEC
 shards into it ([LORA-FWD-2]); loading A too keeps [LORA-INIT-2] (the same drawn A at every TP size)
 out of this check.
+
+Adapters off and on ([LORA-INJ-6]) and checkpoint keys ([LORA-INJ-7]) are judged on TinyGPT with
+non-zero adapters (the suite's A and B, loaded as above): off, the logits are the base model's, bit
+for bit; the unwrapped model's state-dict keys and tensors are all still there after apply_lora, and
+its state dict loads strictly into the adapted model. The adapter's own keys are, for the suite, the
+keys the adapted model has beyond the base's.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from hypothesis import strategies as st
@@ -223,3 +231,95 @@ def _forward_backward(ctx, backend, ex, tp, sp):
         grads[name] = (plan.gather(ctx, A.grad, "A").double(), plan.gather(ctx, B.grad, "B").double())
     return logits.detach().double(), grads
 
+
+def _snapshot(state: dict) -> dict:
+    """A state dict's tensors cloned (other values, e.g. an `_extra_state` None, kept as they are)."""
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _adapted_with_weights(ctx, backend, ex):
+    """(spec, model, token ids, base logits, base state dict): TinyGPT's logits and state dict, then
+    LoRA (training=True) with the suite's non-zero A and B loaded; the model in eval mode."""
+    tp, sp = _layout(backend, ex)
+    groups, spec, model = _build(ctx, backend, ex, tp, sp)
+    ids = token_ids(ctx, spec, batch=2, seq=8, seed=ex["seed"] + 1)
+    base_state = _snapshot(model.state_dict())
+    with torch.no_grad():
+        base_logits = backend.model_forward(model, spec, {"input_ids": ids})
+    apply_quietly(backend, model, _config(ex, dropout=ex["dropout"]), training=True)
+    load_model_adapters(ctx, backend, model, plans(backend, model, spec, groups, ex["dim"]), ex["seed"])
+    model.eval()
+    return spec, model, ids, base_logits, base_state
+
+
+@st.composite
+def _with_dropout(draw, ctx, rates=(0.0, 0.5)):
+    return {**draw(model_examples(ctx)), "dropout": draw(st.sampled_from(rates))}
+
+
+@prop("LORA-INJ-6", needs={"models", "disable_adapters"}, weight=0.5, strategy=_with_dropout)
+def disabled_adapters_give_the_base_logits(ctx, backend, ex):
+    """Adapters off: TinyGPT's logits are the base model's exactly (in train mode too, dropout or not)
+    and the adapters get no gradient; on again: the adapted logits, and the trainable set as before."""
+    spec, model, ids, base_logits, _ = _adapted_with_weights(ctx, backend, ex)
+    with torch.no_grad():
+        adapted = backend.model_forward(model, spec, {"input_ids": ids})
+    ctx.check(not torch.equal(adapted, base_logits), "the non-zero adapters do not change the logits")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    backend.set_adapters_enabled(model, False)
+    model.train()
+    off = backend.model_forward(model, spec, {"input_ids": ids})
+    ctx.check(torch.equal(off, base_logits), f"adapters off (train mode, dropout {ex['dropout']}): the logits "
+              f"differ from the base model's by up to {(off - base_logits).abs().max().item():.3g}")
+    if off.requires_grad:
+        (off.float() * ctx.randn(tuple(off.shape), ex["seed"] + 2, dtype=torch.float32)).sum().backward()
+    modules = backend.lora_modules(model)
+    graded = [f"{name}.{label}" for name, m in modules.items() for label, w in zip("AB", backend.adapter_weights(m))
+              if w.grad is not None and bool(w.grad.any())]
+    ctx.check(not graded, f"adapters off: adapter parameters got a gradient: {graded[:4]}")
+    backend.set_adapters_enabled(model, True)
+    model.eval()
+    with torch.no_grad():
+        on = backend.model_forward(model, spec, {"input_ids": ids})
+    ctx.assert_close(on, adapted.double(), torch.float32, "adapters on again: the adapted logits")
+    now = {n for n, p in model.named_parameters() if p.requires_grad}
+    ctx.check(now == trainable, f"off and on again changed the trainable set: {sorted(now ^ trainable)[:4]}")
+
+
+@prop("LORA-INJ-7", needs={"models"}, strategy=lambda ctx: _with_dropout(ctx, rates=(0.0,)))
+def base_state_dict_keys_survive_apply_lora(ctx, backend, ex):
+    """Every key of the unwrapped TinyGPT's state dict is in the adapted model's, with an equal tensor."""
+    _, model, _, _, base_state = _adapted_with_weights(ctx, backend, ex)
+    state = model.state_dict()
+    missing = [k for k in base_state if k not in state]
+    ctx.check(not missing, f"base keys missing from the adapted model's state dict: {missing[:4]} "
+              f"(it has e.g. {[k for k in state if k not in base_state][:4]})")
+    changed = [k for k, v in base_state.items() if isinstance(v, torch.Tensor) and not torch.equal(state[k], v)]
+    ctx.check(not changed, f"base tensors changed by apply_lora: {changed[:4]}")
+
+
+@prop("LORA-INJ-7", needs={"models"}, weight=0.5, strategy=lambda ctx: _with_dropout(ctx, rates=(0.0,)))
+def base_checkpoint_loads_into_the_adapted_model(ctx, backend, ex):
+    """The base state dict of another seed's TinyGPT loads strictly into the adapted model: the base
+    weights are then that model's, the adapters keep their values; a checkpoint lacking one adapter
+    key is reported as missing it."""
+    spec, model, _, _, _ = _adapted_with_weights(ctx, backend, ex)
+    other = backend.make_model(replace(spec, seed=spec.seed + 1)).state_dict()
+    adapters = {k: v for k, v in _snapshot(model.state_dict()).items() if k not in other}
+    ctx.check(any(isinstance(v, torch.Tensor) for v in adapters.values()),
+              "the adapted model's state dict has no tensor beyond the base model's")
+    try:
+        model.load_state_dict(other, strict=True)
+    except RuntimeError as e:
+        raise AssertionError(f"a base checkpoint does not load strictly: {str(e)[:400]}") from None
+    state = model.state_dict()
+    stale = [k for k, v in other.items() if isinstance(v, torch.Tensor) and not torch.equal(state[k], v)]
+    ctx.check(not stale, f"after loading the base checkpoint these differ from it: {stale[:4]}")
+    tensors = sorted(k for k, v in adapters.items() if isinstance(v, torch.Tensor))
+    moved = [k for k in tensors if not torch.equal(state[k], adapters[k])]
+    ctx.check(not moved, f"loading a base checkpoint changed adapter tensors: {moved[:4]}")
+    dropped = tensors[ex["seed"] % len(tensors)]
+    partial = {k: v for k, v in state.items() if k != dropped}
+    result = model.load_state_dict(partial, strict=False)
+    ctx.check(list(result.missing_keys) == [dropped], f"a checkpoint without {dropped!r}: missing keys "
+              f"{list(result.missing_keys)[:4]}, expected exactly that key")

@@ -1,7 +1,7 @@
 """SPEC section 10: mixture of experts, expert parallelism and LoRA on experts and routers.
 
 Models are the backend's TinyGPT with MoE layers (make_model 'moe'), built at layouts (TP, EP,
-expert-TP) that divide the world (TP > 1 with sequence parallelism). Expected values come from
+expert-TP) that divide the world (TP > 1 with sequence parallelism; conformance/moe_case.py). Expected values come from
 SPEC: logits that do not depend on the layout, the suite's expert-linear rule and effective ranks
 (conformance/model_case.py), adapter shard shapes per [LORA-FWD-2] over the expert-TP group, and the
 router's top-k softmax recomputed in float64 from the router's replicated weight and the suite's A
@@ -18,9 +18,6 @@ import torch
 import torch.distributed as dist
 from hypothesis import strategies as st
 
-from ..backend import ModelSpec
-from ..configs import lora
-from ..context import divisors
 from ..layout import Shard, gather
 from ..model_case import (
     apply_quietly,
@@ -30,65 +27,13 @@ from ..model_case import (
     linear_candidates,
     load_model_adapters,
     plans,
-    token_ids,
 )
+from ..moe_case import (MOE_LAYER, block_tokens, build_moe, dense_moe_output, describe_layout, expert_base_weights,
+                        forward_logits, layouts, moe_examples, moe_layer_observed, moe_lora, moe_spec, sizes)
 from ..registry import prop
 
 NEEDS = {"models", "moe"}
 ALL_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router"]
-SHARED_SIZE = 8
-
-
-def _sizes(ctx):
-    heads = max(4, ctx.world_size)
-    return {"heads": heads, "hidden": 4 * heads, "experts": max(4, ctx.world_size), "seq": max(4, ctx.world_size)}
-
-
-def _layouts(ctx, min_ep: int = 1) -> list[tuple[int, int, int]]:
-    w, E = ctx.world_size, _sizes(ctx)["experts"]
-    return [(tp, ep, etp) for tp in divisors(w) for ep in divisors(w) for etp in divisors(w)
-            if w % (ep * etp) == 0 and E % ep == 0 and ep >= min_ep]
-
-
-@st.composite
-def moe_examples(draw, ctx, min_ep=1, topk=(1, 2, 3)):
-    tp, ep, etp = draw(st.sampled_from(_layouts(ctx, min_ep)))
-    k = draw(st.sampled_from(list(topk)))
-    return {"tp": tp, "ep": ep, "etp": etp, "topk": k, "grouped": draw(st.booleans()),
-            "share": draw(st.booleans()), "shared_experts": draw(st.booleans()),
-            "dim_factor": draw(st.integers(1, 3)), "alpha": draw(st.sampled_from([4, 8, 16])),
-            "seed": draw(st.integers(0, 2**16))}
-
-
-def _spec(ctx, ex, tp=None, grouped=None, gated=False) -> ModelSpec:
-    size = _sizes(ctx)
-    tp = ex["tp"] if tp is None else tp
-    return ModelSpec(kind="moe", seed=ex["seed"], num_layers=1, hidden_size=size["hidden"], ffn_hidden_size=8,
-                     num_attention_heads=size["heads"], vocab_size=16, sequence_parallel=tp > 1,
-                     gated_linear_unit=gated, num_moe_experts=size["experts"], moe_router_topk=ex["topk"],
-                     moe_grouped_gemm=ex["grouped"] if grouped is None else grouped,
-                     moe_shared_expert_intermediate_size=SHARED_SIZE if ex["shared_experts"] else None)
-
-
-def _build(ctx, backend, ex, layout=None, **spec_overrides):
-    tp, ep, etp = layout or (ex["tp"], ex["ep"], ex["etp"])
-    groups = backend.init_parallel(tp, ep, etp)
-    spec = _spec(ctx, ex, tp=tp, **spec_overrides)
-    return groups, spec, backend.make_model(spec)
-
-
-def _lora(targets, dim, alpha, **fields):
-    return lora(target_modules=list(targets), dim=dim, alpha=alpha, **fields)
-
-
-def _forward(ctx, backend, spec, model, seed, batch=2):
-    ids = token_ids(ctx, spec, batch=batch, seq=_sizes(ctx)["seq"], seed=seed)
-    return backend.model_forward(model, spec, {"input_ids": ids})
-
-
-def _where(ex, layout=None) -> str:
-    tp, ep, etp = layout or (ex["tp"], ex["ep"], ex["etp"])
-    return f"(TP, EP, expert-TP) = ({tp}, {ep}, {etp})"
 
 
 def _router(ctx, backend, model):
@@ -110,13 +55,13 @@ def _replicas(ctx, t: torch.Tensor, group) -> list[torch.Tensor]:
 def moe_logits_are_the_same_at_every_layout(ctx, backend, drawn):
     """One seed gives the same logits at every (TP, EP, expert-TP), grouped or sequential, gated or not."""
     ex, baseline_grouped, gated = drawn
-    _, spec1, model1 = _build(ctx, backend, ex, (1, 1, 1), grouped=baseline_grouped, gated=gated)
-    want = _forward(ctx, backend, spec1, model1, ex["seed"] + 1).detach().double()
-    _, spec, model = _build(ctx, backend, ex, gated=gated)
-    got = _forward(ctx, backend, spec, model, ex["seed"] + 1)
+    _, spec1, model1 = build_moe(ctx, backend, ex, (1, 1, 1), grouped=baseline_grouped, gated=gated)
+    want = forward_logits(ctx, backend, spec1, model1, ex["seed"] + 1).detach().double()
+    _, spec, model = build_moe(ctx, backend, ex, gated=gated)
+    got = forward_logits(ctx, backend, spec, model, ex["seed"] + 1)
     ctx.assert_close(got, want, torch.float32,
-                     f"MoE logits at {_where(ex)} grouped={ex['grouped']} vs (1, 1, 1) grouped={baseline_grouped} "
-                     f"(gated={gated}, shared experts={ex['shared_experts']})", scale=10)
+                     f"MoE logits at {describe_layout(ex)} grouped={ex['grouped']} vs (1, 1, 1) "
+                     f"grouped={baseline_grouped} (gated={gated}, shared experts={ex['shared_experts']})", scale=10)
 
 
 @prop("MOE-LAYER-1", needs=NEEDS, min_world=2, weight=0.25,
@@ -124,7 +69,7 @@ def moe_logits_are_the_same_at_every_layout(ctx, backend, drawn):
 def moe_needs_sequence_parallelism_at_tp(ctx, backend, ex):
     """A MoE model with TP > 1 and sequence_parallel=False raises ValueError on every rank."""
     backend.init_parallel(ex["tp"], ex["ep"], ex["etp"])
-    spec = _spec(ctx, ex)
+    spec = moe_spec(ctx, ex)
     spec.sequence_parallel = False
     try:
         backend.make_model(spec)
@@ -143,20 +88,20 @@ def expert_linears_are_found_by_name(ctx, backend, ex):
     """With normalize_moe_lora exactly the expert linears (mlp. ... experts ... .linear_fc1|2, not under
     shared_experts) get a reduced rank; router, shared experts and attention keep dim."""
     dim = ex["topk"] * ex["tp"] * ex["etp"] * ex["dim_factor"]     # dim // topk needs no rounding
-    groups, spec, model = _build(ctx, backend, ex)
+    groups, spec, model = build_moe(ctx, backend, ex)
     candidates = linear_candidates(model)
-    apply_quietly(backend, model, _lora(ALL_TARGETS, dim, ex["alpha"], normalize_moe_lora=True,
+    apply_quietly(backend, model, moe_lora(ALL_TARGETS, dim, ex["alpha"], normalize_moe_lora=True,
                                         share_expert_adapters=ex["share"]))
     modules = backend.lora_modules(model)
     want = expected_selection(candidates, ALL_TARGETS)
     ctx.check(set(modules) == want, f"adapted modules {sorted(set(modules) ^ want)[:4]} differ from the suite's "
-                                    f"selection of {ALL_TARGETS} ({_where(ex)})")
+                                    f"selection of {ALL_TARGETS} ({describe_layout(ex)})")
     normalized = {n for n, m in modules.items() if backend.adapter_weights(m)[1].shape[-1] != dim}
     experts = {n for n in modules if is_expert_linear(n)}
     ctx.check(normalized == experts,
               f"normalize_moe_lora (dim {dim}, topk {ex['topk']}) reduced the rank of "
               f"{sorted(normalized - experts)[:3]} (not expert linears) / kept dim on "
-              f"{sorted(experts - normalized)[:3]} (expert linears) ({_where(ex)}, grouped={ex['grouped']})")
+              f"{sorted(experts - normalized)[:3]} (expert linears) ({describe_layout(ex)}, grouped={ex['grouped']})")
 
 
 @st.composite
@@ -164,7 +109,7 @@ def rank_examples(draw, ctx):
     """Half the examples are the case the rounding is for: normalize_moe_lora at expert TP > 1 with
     dim // topk not a multiple of it (where the world allows one)."""
     ex = draw(moe_examples(ctx))
-    rounding_layouts = [lay for lay in _layouts(ctx) if lay[2] > 1]
+    rounding_layouts = [lay for lay in layouts(ctx) if lay[2] > 1]
     if rounding_layouts and draw(st.booleans()):
         ex["tp"], ex["ep"], ex["etp"] = draw(st.sampled_from(rounding_layouts))
         ex["normalize"] = True
@@ -183,11 +128,12 @@ def adapter_ranks_and_shards(ctx, backend, ex):
     """Every adapter's A and B have SPEC's shard shapes for its effective rank: dim // topk (rounded up
     to expert TP for fc1) on expert linears with normalize_moe_lora, dim elsewhere; per-expert grouped
     adapters stacked (E_local, ...); shared grouped and sequential adapters 2-D."""
-    groups, spec, model = _build(ctx, backend, ex)
-    apply_quietly(backend, model, _lora(ALL_TARGETS, ex["dim"], ex["alpha"], normalize_moe_lora=ex["normalize"],
+    groups, spec, model = build_moe(ctx, backend, ex)
+    apply_quietly(backend, model, moe_lora(ALL_TARGETS, ex["dim"], ex["alpha"], normalize_moe_lora=ex["normalize"],
                                         share_expert_adapters=ex["share"]))
     plan_by_name = plans(backend, model, spec, groups, ex["dim"], normalize=ex["normalize"], share=ex["share"])
-    ctx.check(any(is_expert_linear(n) for n in plan_by_name), f"no expert linear got an adapter ({_where(ex)})")
+    ctx.check(any(is_expert_linear(n) for n in plan_by_name),
+              f"no expert linear got an adapter ({describe_layout(ex)})")
     check_adapter_shapes(backend, model, plan_by_name)
 
 
@@ -198,15 +144,15 @@ def rank_not_divisible_by_topk_raises(ctx, backend, drawn):
     ex, remainder = drawn
     remainder = min(remainder, ex["topk"] - 1)
     dim = ex["topk"] * ex["dim_factor"] + remainder
-    _, _, model = _build(ctx, backend, dict(ex, shared_experts=False))
+    _, _, model = build_moe(ctx, backend, dict(ex, shared_experts=False))
     try:
-        apply_quietly(backend, model, _lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], normalize_moe_lora=True,
+        apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], normalize_moe_lora=True,
                                             share_expert_adapters=ex["share"]))
     except ValueError as error:
         ctx.check("linear_fc" in str(error), f"the ValueError does not name the expert module: {error}")
         return
     raise AssertionError(f"normalize_moe_lora with dim {dim} and moe_router_topk {ex['topk']} did not raise "
-                         f"ValueError ({_where(ex)})")
+                         f"ValueError ({describe_layout(ex)})")
 
 
 # ---- [MOE-SHARE-1] [MOE-SHARE-2] ----------------------------------------------------------------------------
@@ -227,15 +173,15 @@ def shared_expert_adapters_stay_identical_across_ep(ctx, backend, ex):
     init (even from different generator states) and after SGD steps with finalize_grads."""
     ex = dict(ex, grouped=True, share=True)
     dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
-    groups, spec, model = _build(ctx, backend, ex)
+    groups, spec, model = build_moe(ctx, backend, ex)
     # Only expert adapters are trainable: a rank whose experts get no token must still join the backward.
-    config = _lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], share_expert_adapters=True)
+    config = moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], share_expert_adapters=True)
     with torch.random.fork_rng(devices=[]):      # leave the caller's generator as it was
         torch.manual_seed(1000 + ctx.rank)       # a different generator state on every rank
         apply_quietly(backend, model, config)
     modules = backend.lora_modules(model)
     shared = [n for n in modules if is_expert_linear(n) and "local_experts" not in n]
-    ctx.check(bool(shared), f"no grouped expert module got an adapter ({_where(ex)})")
+    ctx.check(bool(shared), f"no grouped expert module got an adapter ({describe_layout(ex)})")
 
     def check(when):
         for name in shared:
@@ -243,11 +189,11 @@ def shared_expert_adapters_stay_identical_across_ep(ctx, backend, ex):
                 copies = _replicas(ctx, param, groups.ep_group)
                 diff = max((c - copies[0]).abs().max().item() for c in copies)
                 ctx.check(diff == 0, f"{when}: the shared adapter {label} of {name} differs across the EP group "
-                                     f"by up to {diff:.3g} ({_where(ex)})")
+                                     f"by up to {diff:.3g} ({describe_layout(ex)})")
 
     check("after apply_lora")
     for step in range(2):
-        logits = _forward(ctx, backend, spec, model, ex["seed"] + 1)
+        logits = forward_logits(ctx, backend, spec, model, ex["seed"] + 1)
         G = ctx.randn(tuple(logits.shape), ex["seed"] + 2 + step)
         (logits.float() * G.float()).sum().backward()
         _sgd_step(backend, model)
@@ -268,11 +214,11 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
     adapter of an expert that no token is routed to gets zero gradient (the others do get one)."""
     ex, pick = drawn
     ex = dict(ex, grouped=True, share=False, shared_experts=False)
-    E = _sizes(ctx)["experts"]
+    E = sizes(ctx)["experts"]
     silent = pick % E
     dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
-    groups, spec, model = _build(ctx, backend, ex)
-    apply_quietly(backend, model, _lora(["linear_fc1", "linear_fc2", "router"], dim, ex["alpha"],
+    groups, spec, model = build_moe(ctx, backend, ex)
+    apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2", "router"], dim, ex["alpha"],
                                         share_expert_adapters=False))
     plan_by_name = plans(backend, model, spec, groups, dim, share=False)
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
@@ -283,7 +229,7 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
     handle = _capture(router, store)
     try:
         with torch.no_grad():
-            _forward(ctx, backend, spec, model, ex["seed"] + 1)
+            forward_logits(ctx, backend, spec, model, ex["seed"] + 1)
         # Make expert `silent` the last choice of every token: its router row is -M u with x.u = 1 for
         # the router input x of every token of every rank (fewer tokens than hidden dimensions, so u
         # exists), and M larger than any other logit.
@@ -294,7 +240,7 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
         others = (X_all @ W.detach().double().T).abs().max().item()
         with torch.no_grad():
             W[silent] = (-(2 * others + 10) / (X_all @ u).min().item() * u).to(W.dtype)
-        logits = _forward(ctx, backend, spec, model, ex["seed"] + 1)
+        logits = forward_logits(ctx, backend, spec, model, ex["seed"] + 1)
     finally:
         handle.remove()
     G = ctx.randn(tuple(logits.shape), ex["seed"] + 2)
@@ -319,10 +265,10 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
                 norm = grad[j].abs().max().item()
                 if g == silent:
                     ctx.check(norm == 0, f"the per-expert adapter {label} of expert {g} in {name} got gradient "
-                                         f"{norm:.3g} though no token was routed to expert {g} ({_where(ex)})")
+                                         f"{norm:.3g} though no token was routed to expert {g} ({describe_layout(ex)})")
                 elif g in routed:
                     ctx.check(norm > 0, f"the per-expert adapter {label} of expert {g} in {name} got no gradient "
-                                        f"though tokens were routed to it ({_where(ex)})")
+                                        f"though tokens were routed to it ({describe_layout(ex)})")
 
 
 # ---- [MOE-FWD-1] [MOE-ROUTER-1] ------------------------------------------------------------------------------
@@ -341,13 +287,13 @@ def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
     outputs = []
     layouts = (((1, 1, 1), baseline_grouped), ((ex["tp"], ex["ep"], ex["etp"]), ex["grouped"] or ex["share"]))
     for layout, grouped in layouts:
-        groups, spec, model = _build(ctx, backend, ex, layout, grouped=grouped)
-        apply_quietly(backend, model, _lora(targets, dim, ex["alpha"], **config))
+        groups, spec, model = build_moe(ctx, backend, ex, layout, grouped=grouped)
+        apply_quietly(backend, model, moe_lora(targets, dim, ex["alpha"], **config))
         plan_by_name = plans(backend, model, spec, groups, dim, normalize=normalize, share=ex["share"])
         load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
-        outputs.append(_forward(ctx, backend, spec, model, ex["seed"] + 1).detach().double())
+        outputs.append(forward_logits(ctx, backend, spec, model, ex["seed"] + 1).detach().double())
     ctx.assert_close(outputs[1], outputs[0], torch.float32,
-                     f"logits of the adapted MoE model at {_where(ex)} vs (1, 1, 1) (targets {targets}, "
+                     f"logits of the adapted MoE model at {describe_layout(ex)} vs (1, 1, 1) (targets {targets}, "
                      f"share={ex['share']}, normalize={normalize})", scale=10)
 
 
@@ -357,15 +303,15 @@ def router_adapter_adds_to_the_logits(ctx, backend, drawn):
     """A targeted router routes by top-k softmax of x (W + (alpha/dim) B A)^T; under SP its adapter's
     gradient, partial per TP rank, is the TP group's sum after finalize_grads."""
     ex, dim = drawn
-    groups, spec, model = _build(ctx, backend, dict(ex, shared_experts=False))
-    apply_quietly(backend, model, _lora(["router"], dim, ex["alpha"]))
+    groups, spec, model = build_moe(ctx, backend, dict(ex, shared_experts=False))
+    apply_quietly(backend, model, moe_lora(["router"], dim, ex["alpha"]))
     plan_by_name = plans(backend, model, spec, groups, dim)
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
     name, router = _router(ctx, backend, model)
     store = {}
     handle = _capture(router, store)
     try:
-        logits = _forward(ctx, backend, spec, model, ex["seed"] + 1)
+        logits = forward_logits(ctx, backend, spec, model, ex["seed"] + 1)
     finally:
         handle.remove()
     A_full, B_full = plan_by_name[name].full_tensors(ctx, ex["seed"], name)
@@ -404,10 +350,59 @@ def router_adapter_adds_to_the_logits(ctx, backend, drawn):
         diff = max((c - copies[0]).abs().max().item() for c in copies)
         ctx.check(diff <= 1e-5 * (1 + copies[0].abs().max().item()),
                   f"after finalize_grads the router adapter's {label} gradient differs across the TP group by "
-                  f"{diff:.3g} ({_where(ex)}, sequence parallel)")
+                  f"{diff:.3g} ({describe_layout(ex)}, sequence parallel)")
         # A backend may sum during backward already (then finalize_grads leaves the gradient as it is).
         partials = _replicas(ctx, before, groups.tp_group)
         already = all(torch.equal(c, partials[0]) for c in partials)
         target = before if already else ctx.all_reduce(before, groups.tp_group)
         ctx.assert_close(param.grad, target.double(), torch.float32,
                          f"the router adapter's {label} gradient after finalize_grads (the TP group's sum)", scale=10)
+
+
+# ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
+
+@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25,
+      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans()))
+def shared_outer_loras_match_dense_math(ctx, backend, drawn):
+    """experts_shared_outer_loras on grouped experts: fc1's A and fc2's B are one tensor for all experts,
+    fc1's B_e and fc2's A_e stacked per local expert (SPEC shards over expert TP, whatever
+    share_expert_adapters says); the MoE layer's output and the four factors' gradients (after
+    finalize_grads) equal dense float64 math with W1_e + (alpha/r) B1_e A1 and W2_e + (alpha/r) B2 A2_e
+    over the tokens of the rank's expert block."""
+    ex, gated = drawn
+    ex = dict(ex, grouped=True, shared_experts=False)
+    dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
+    groups, spec, model = build_moe(ctx, backend, ex, gated=gated)
+    apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"],
+                                           experts_shared_outer_loras=True, share_expert_adapters=ex["share"]))
+    plan_by_name = plans(backend, model, spec, groups, dim, outer=True)
+    load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])          # SPEC's shard shapes first
+    modules = backend.lora_modules(model)
+    with moe_layer_observed(model) as seen:
+        logits = forward_logits(ctx, backend, spec, model, ex["seed"] + 1)
+        (logits.float() * ctx.randn(tuple(logits.shape), ex["seed"] + 2).float()).sum().backward()
+    backend.finalize_grads(model)
+
+    names = [f"{MOE_LAYER}.experts.linear_fc1", f"{MOE_LAYER}.experts.linear_fc2"]
+    params = [p for name in names for p in backend.adapter_weights(modules[name])]
+    full = [t for name in names for t in plan_by_name[name].all_experts_full(ctx, ex["seed"], spec.num_moe_experts)]
+    leaves = [t.to(p.dtype).double().requires_grad_() for t, p in zip(full, params)]   # what the backend holds
+    A1, B1, A2, B2 = leaves
+    W1, W2 = expert_base_weights(backend, modules, groups, gated)
+    s = ex["alpha"] / dim
+    w1 = [W1[e] + s * B1[e] @ A1 for e in range(spec.num_moe_experts)]
+    w2 = [W2[e] + s * B2 @ A2[e] for e in range(spec.num_moe_experts)]
+    where = f"{describe_layout(ex)}, topk={ex['topk']}, gated={gated}, dim={dim}"
+    ctx.assert_close(seen["output"], dense_moe_output(seen["tokens"], seen["probs"], seen["ids"], w1, w2, gated),
+                     torch.float32, f"MoE layer output with shared outer LoRA factors ({where})", scale=10)
+    block = block_tokens(seen, groups)
+    dense = dense_moe_output(block["tokens"], block["probs"], block["ids"], w1, w2, gated)
+    loss = (dense * block["grad"].double()).sum()
+    for (name, which), param, want in zip([(n, w) for n in names for w in "AB"], params,
+                                          torch.autograd.grad(loss, leaves)):
+        plan = plan_by_name[name]
+        got = plan.gather(ctx, torch.zeros_like(param) if param.grad is None else param.grad, which)
+        if plan.stacked(which):
+            got = gather(got, Shard(0), groups.ep_group)                       # every EP rank's experts
+        kind = "per-expert" if plan.stacked(which) else "shared"
+        ctx.assert_close(got, want, torch.float32, f"gradient of the {kind} {which} of {name} ({where})", scale=100)

@@ -13,9 +13,9 @@ Forward, in order (the shapes are per rank):
 
     dropout if "pre"
     column:  gather the sequence (SP) or copy      x (s, b, in)
-             h = gather_last(A_r x)                h (s, b, r)
+             h = gather_last(act(A_r x))           h (s, b, r)
              y = B_r h                             y (s, b, out/t)   [gathered if the base gathers]
-    row:     h = all_reduce(A_r x_r)               h (s, b, r)       x_r (s, b, in/t)
+    row:     h = act(all_reduce(A_r x_r))          h (s, b, r)       x_r (s, b, in/t)
              y = B_r h                             y (s, b, out/t)
              no SP:  y = gather_last(y)                              (s, b, out)
              SP:     y = scatter_seq(gather_last(y))                 (s/t, b, out)
@@ -23,10 +23,15 @@ Forward, in order (the shapes are per rank):
     dropout if "post"
     (the scale alpha / r is applied to h, which is the same as to the output and r/out as costly)
 
+`act` is the activation between A and B, "identity" unless asked (Megatron-Bridge's
+ParallelLinearAdapter has the same option; its LoRA always passes "identity"). It acts on the full
+A x: elementwise, so on a column base's shards before the gather, and after a row base's sum.
+
 Under sequence parallelism the column case sees (s/t, b, in) and all-gathers it first; the backward
 of that gather reduce-scatters the gradient, which already sums the TP ranks' partial gradients, so
-no separate all-reduce is applied. Parameters may have their own dtype (lora_dtype): the input is cast
-to it and the caller casts the output back to the base output's dtype.
+no separate all-reduce is applied. With sequence_parallel_input_regather A keeps only that shard for
+backward and gathers it again there (reference/lora/regather.py). Parameters may have their own dtype
+(lora_dtype): the input is cast to it and the caller casts the output back to the base output's dtype.
 """
 
 from __future__ import annotations
@@ -50,8 +55,13 @@ from ..parallel import (
     scatter_to_tensor_parallel_region,
     shard,
 )
+from .regather import linear_on_regathered_sequence, regather_eligible, regather_inputs
 
 # What the keyword arguments that describe a base default to (used only when no layout is given).
+# The activations between A and B, by the names Megatron-Bridge's ParallelLinearAdapter accepts.
+ADAPTER_ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU,
+                       "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
 _KEYWORD_DEFAULTS = dict(base_kind="column", tp_group=None, sequence_parallel=False, gather_output=False,
                          input_is_parallel=True, stride=1, explicit_expert_comm=False)
 
@@ -109,7 +119,8 @@ class ParallelLinearAdapter(nn.Module):
         out_features (int): the base's full output size `out`; B is (out, r).
         dim (int): the rank r; divisible by the TP size for a column base.
         base_kind (str): "column", "row" or "none" (not split). Default: "column".
-        alpha (float): the update is scaled by alpha / dim. Default: 32.
+        alpha (float | None): the update is scaled by alpha / dim; None: alpha = dim (scale 1), as
+            Megatron-Bridge's adapter does when built directly (LoRA passes its own alpha). Default: None.
         dropout (float): dropout probability; 0 adds no dropout module. Default: 0.0.
         dropout_position (str): "pre" (on the adapter's input) or "post" (on its output). Default: "pre".
         lora_A_init_method (str): xavier, kaiming, normal or zero, drawn on the full A. Default: "xavier".
@@ -128,9 +139,15 @@ class ParallelLinearAdapter(nn.Module):
         base_name (str): the base's full name, for messages and repr. Default: "adapter".
         layout (BaseLayout | None): the base's layout; when given, in/out_features must be its sizes
             and base_kind ... explicit_expert_comm must keep their defaults. Default: None.
+        activation (str): the function between A and B, one of ADAPTER_ACTIVATIONS: "identity",
+            "relu", "gelu" (exact, erf), "swish" / "silu", "tanh", "sigmoid"; the update is then
+            (alpha/dim) B act(A x). Default: "identity".
+        sequence_parallel_input_regather (bool): a column base's A keeps only the sequence shard of
+            its input for backward and all-gathers it again there, where Megatron-Bridge does
+            (reference/lora/regather.py). Default: False.
 
     Raises:
-        ValueError: an unknown base_kind, sizes that do not match `layout`, or dim / out / in not
+        ValueError: an unknown activation, an unknown base_kind, sizes that do not match `layout`, or dim / out / in not
             divisible as the base's split needs.
         TypeError: both a layout and base-describing keywords.
     """
@@ -143,13 +160,16 @@ class ParallelLinearAdapter(nn.Module):
     explicit_expert_comm = from_layout("explicit_expert_comm")
 
     def __init__(self, in_features: int, out_features: int, dim: int, *, base_kind: str = "column",
-                 alpha: float = 32, dropout: float = 0.0, dropout_position: str = "pre",
+                 alpha: float | None = None, dropout: float = 0.0, dropout_position: str = "pre",
                  lora_A_init_method: str = "xavier", lora_B_init_method: str = "zero",
                  dtype: torch.dtype = torch.float32, device=None, tp_group=None,
                  sequence_parallel: bool = False, a2a_experimental: bool = False,
                  gather_output: bool = False, input_is_parallel: bool = True, stride: int = 1,
-                 explicit_expert_comm: bool = False, base_name: str = "adapter", layout: BaseLayout | None = None):
+                 explicit_expert_comm: bool = False, base_name: str = "adapter", layout: BaseLayout | None = None,
+                 activation: str = "identity", sequence_parallel_input_regather: bool = False):
         super().__init__()
+        if activation not in ADAPTER_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ADAPTER_ACTIVATIONS)}, got {activation!r}")
         described = dict(base_kind=base_kind, tp_group=tp_group, sequence_parallel=sequence_parallel,
                          gather_output=gather_output, input_is_parallel=input_is_parallel, stride=stride,
                          explicit_expert_comm=explicit_expert_comm)
@@ -161,11 +181,16 @@ class ParallelLinearAdapter(nn.Module):
             raise ValueError(f"in_features, out_features ({in_features}, {out_features}) must be the layout's "
                              f"input_size, output_size ({layout.input_size}, {layout.output_size})")
         self.layout, self.base_name = layout, base_name
+        alpha = dim if alpha is None else alpha
         self.dim, self.alpha, self.scale = dim, alpha, alpha / dim
         self.dropout_position = dropout_position
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.activation = ADAPTER_ACTIVATIONS[activation]()
         # a2a only changes the row case under sequence parallelism; elsewhere there is nothing to trade.
         self.a2a_experimental = bool(a2a_experimental) and layout.kind == "row" and layout.sequence_parallel
+        self.sequence_parallel_input_regather = bool(sequence_parallel_input_regather)
+        self.regather_eligible = regather_eligible(layout, base_name, sequence_parallel_input_regather,
+                                                   a2a_experimental)
         self._check_divisibility()
         self.init_methods = (lora_A_init_method, lora_B_init_method)
         device = default_device() if device is None else torch.device(device)
@@ -223,20 +248,26 @@ class ParallelLinearAdapter(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, caller_communicates: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, caller_communicates: bool = False,
+                local_input: torch.Tensor | None = None) -> torch.Tensor:
         """scale * B A x. With caller_communicates (see LoRALinear), x is what the base layer computes
         on after its own input communication, and the result is this rank's piece for the base's
-        local output: (s, b, out/t), the row case's being this rank's hidden shard of B h."""
-        return self._adapt(x, self.linear_in.weight, self.linear_out.weight, caller_communicates)
+        local output: (s, b, out/t), the row case's being this rank's hidden shard of B h. local_input
+        is then the input before that communication (under SP the sequence shard, which A keeps when
+        it re-gathers)."""
+        return self._adapt(x, self.linear_in.weight, self.linear_out.weight, caller_communicates, local_input)
 
-    def _adapt(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-               caller_communicates: bool = False) -> torch.Tensor:
+    def _adapt(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, caller_communicates: bool = False,
+               local_input: torch.Tensor | None = None) -> torch.Tensor:
         """scale * B A x for this rank's shards A, B (the data flow of the module docstring)."""
+        regather = regather_inputs(self, x, caller_communicates, local_input)   # (shard, gathered) or None
+        if regather is not None:
+            x = regather[0]                                                     # A keeps this shard
         if self.dropout_position == "pre":
             x = self.dropout(x)
         x = x.to(A.dtype)
         if self.base_kind == "column":
-            y = self._column_forward(x, A, B, caller_communicates)
+            y = self._column_forward(x, A, B, caller_communicates, regather)
         elif self.base_kind == "row":
             y = self._row_forward(x, A, B, caller_communicates)
         else:
@@ -245,20 +276,29 @@ class ParallelLinearAdapter(nn.Module):
             y = self.dropout(y)
         return y
 
-    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """scale * A x. The scale multiplies the rank-sized h, not the output: s·B(Ah) = B(s·Ah),
-        and h has r columns where the output has `out` (one pass over (s, b, r) saved per step)."""
-        return F.linear(x, A) * self.scale
+    def _down(self, x: torch.Tensor, A: torch.Tensor, sum_over=None) -> torch.Tensor:
+        """h = scale * act(A x). With `sum_over` (a row base's TP group) A x is this rank's partial
+        sum: the partials are all-reduced first, and the activation acts on the sum. The scale
+        multiplies the rank-sized h, not the output: s·B h = B(s·h), and h has r columns where the
+        output has `out` (one pass over (s, b, r) saved per step)."""
+        h = F.linear(x, A)
+        if sum_over is not None:
+            h = reduce_from_tensor_parallel_region(h, sum_over)                # (s, b, r), summed over ranks
+        return self.activation(h) * self.scale
 
-    def _column_forward(self, x, A, B, caller_communicates=False):
+    def _column_forward(self, x, A, B, caller_communicates=False, regather=None):
         group = self.tp_group
-        if caller_communicates or self.explicit_expert_comm:
-            pass                                                                # x is (s, b, in) already
-        elif self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, group)                  # (s/t, b, in) -> (s, b, in)
+        if regather is not None:                                                # x is (s/t, b, in)
+            h = linear_on_regathered_sequence(x, A, group, regather[1]) * self.scale   # (s, b, r/t)
         else:
-            x = copy_to_tensor_parallel_region(x, group)                        # (s, b, in), grad all-reduced
-        h = gather_from_tensor_parallel_region(self._down(x, A), group)         # (s, b, r/t) -> (s, b, r)
+            if caller_communicates or self.explicit_expert_comm:
+                pass                                                            # x is (s, b, in) already
+            elif self.sequence_parallel:
+                x = gather_from_sequence_parallel_region(x, group)              # (s/t, b, in) -> (s, b, in)
+            else:
+                x = copy_to_tensor_parallel_region(x, group)                    # (s, b, in), grad all-reduced
+            h = self._down(x, A)                                                # (s, b, r/t)
+        h = gather_from_tensor_parallel_region(h, group)                        # (s, b, r/t) -> (s, b, r)
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
         y = F.linear(h, B)                                                      # (s, b, out/t)
         if self.gather_output and not caller_communicates:
@@ -269,7 +309,7 @@ class ParallelLinearAdapter(nn.Module):
         group = self.tp_group
         if not self.input_is_parallel and not caller_communicates:
             x = scatter_to_tensor_parallel_region(x, group)                     # (s, b, in) -> (s, b, in/t)
-        h = reduce_from_tensor_parallel_region(self._down(x, A), group)         # (s, b, r), summed over ranks
+        h = self._down(x, A, sum_over=group)                                    # (s, b, r)
         h = copy_to_tensor_parallel_region(h, group)                            # every B shard reads all of h
         y = F.linear(h, B)                                                      # (s, b, out/t)
         if caller_communicates:

@@ -67,8 +67,9 @@ def adapter_arguments(config, layout: BaseLayout, full_name: str, *, dim: int, w
     """ParallelLinearAdapter's keyword arguments for a base with `layout` under `config`.
 
     Args:
-        config (LoRAConfig): alpha, dropout, dropout_position, the init methods, lora_dtype and
-            a2a_experimental are read.
+        config (LoRAConfig): alpha, dropout, dropout_position, the init methods, lora_dtype,
+            a2a_experimental and sequence_parallel_input_regather (never for expert linears, as in
+            Megatron-Bridge) are read.
         layout (BaseLayout): the base's layout, handed to the adapter whole.
         full_name (str): the base's full name (the adapter's base_name).
         dim (int): the adapter rank (see effective_dim).
@@ -82,7 +83,9 @@ def adapter_arguments(config, layout: BaseLayout, full_name: str, *, dim: int, w
                 alpha=config.alpha, dropout=config.dropout, dropout_position=config.dropout_position,
                 lora_A_init_method=config.lora_A_init_method, lora_B_init_method=config.lora_B_init_method,
                 dtype=config.lora_dtype or weight.dtype, device=weight.device,
-                a2a_experimental=config.a2a_experimental, base_name=full_name)
+                a2a_experimental=config.a2a_experimental, base_name=full_name,
+                sequence_parallel_input_regather=config.sequence_parallel_input_regather
+                and not is_expert_linear(full_name))
 
 
 def build_adapter(config, module: nn.Module, full_name: str) -> ParallelLinearAdapter:

@@ -41,6 +41,8 @@ class LoRAConfig:
     lora_dtype       dtype of A and B (None: the base weight's dtype)
     a2a_experimental one all-to-all instead of gather + scatter for row bases under sequence parallelism
     normalize_moe_lora, share_expert_adapters   MoE expert adapters (see reference/moe.py)
+    sequence_parallel_input_regather  a column adapter's A keeps only its sequence shard for backward
+    experts_shared_outer_loras  grouped experts share fc1's A and fc2's B, the other factor per expert
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -55,6 +57,8 @@ class LoRAConfig:
     lora_dtype: torch.dtype | None = None
     normalize_moe_lora: bool = False
     share_expert_adapters: bool = True
+    sequence_parallel_input_regather: bool = False
+    experts_shared_outer_loras: bool = False
 
     def __post_init__(self):
         self.target_modules = _check_patterns("target_modules", self.target_modules)
@@ -80,7 +84,8 @@ class LoRAConfig:
             if not self.lora_dtype.is_floating_point:
                 raise ValueError(f"lora_dtype must be a floating dtype (e.g. torch.float32, torch.bfloat16), "
                                  f"got {self.lora_dtype}")
-        for name in ("a2a_experimental", "normalize_moe_lora", "share_expert_adapters"):
+        for name in ("a2a_experimental", "normalize_moe_lora", "share_expert_adapters",
+                     "sequence_parallel_input_regather", "experts_shared_outer_loras"):
             _check_bool(name, getattr(self, name))
 
 

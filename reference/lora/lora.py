@@ -42,6 +42,15 @@ class LoRA(LoRAConfig):
         normalize_moe_lora (bool): expert adapters get rank dim // moe_router_topk. Default: False.
         share_expert_adapters (bool): one adapter for all local grouped experts (else one per
             expert). Default: True.
+        sequence_parallel_input_regather (bool): under sequence parallelism the A of a column
+            linear_qkv / linear_fc1 adapter keeps only this rank's sequence shard of its input for
+            backward and all-gathers it again there: the same numbers, less activation memory.
+            Elsewhere (no SP, row bases, experts, a2a_experimental, eval) it changes nothing.
+            Default: False.
+        experts_shared_outer_loras (bool): grouped experts' adapters share the outer factors across
+            experts (fc1's A, fc2's B; one copy for all experts of all EP ranks) and keep the inner
+            ones per expert (fc1's B, fc2's A); share_expert_adapters is then ignored for them.
+            Default: False.
 
     Raises:
         ValueError, TypeError: at construction, naming the field that is out of range.
@@ -59,8 +68,9 @@ class LoRA(LoRAConfig):
         """`module` wrapped with an adapter if this config selects it (name, prefix: see match)."""
         return transform(self, module, name, prefix)
 
-    def match(self, module: nn.Module, name: str, prefix: str | None = None) -> str | None:
-        """The pattern that selects `module` (its full name in exclude mode), or None."""
+    def match(self, module: nn.Module, name: str | None = None, prefix: str | None = None) -> str | None:
+        """The pattern that selects `module` (its full name in exclude mode), or None (also when
+        `name` is None)."""
         return match(self, module, name, prefix)
 
 

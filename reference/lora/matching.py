@@ -46,9 +46,10 @@ def full_name_of(name: str, prefix: str | None) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def match(config, module: nn.Module, name: str, prefix: str | None = None) -> str | None:
-    """The pattern that selects this module (the full name in exclude mode), or None."""
-    if not is_linear_like(module):
+def match(config, module: nn.Module, name: str | None = None, prefix: str | None = None) -> str | None:
+    """The pattern that selects this module (the full name in exclude mode), or None; None also for a
+    module without a name (as Megatron-Bridge's match: nothing can select it)."""
+    if name is None or not is_linear_like(module):
         return None
     full_name = full_name_of(name, prefix)
     if config.target_modules:

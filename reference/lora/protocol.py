@@ -20,11 +20,13 @@ class LoRAWrapper(Protocol):
         is_lora_wrapper (bool): True; the flag that `is_lora_wrapper(module)` reads.
         to_wrap (nn.Module): the base layer, frozen; what merge_lora(model) puts back in its place.
         merged (bool): whether the adapters are folded into to_wrap.weight (and no longer called).
+        adapters_enabled (bool): whether forward calls the adapters (False: exactly the base's output).
     """
 
     is_lora_wrapper: bool
     to_wrap: nn.Module
     merged: bool
+    adapters_enabled: bool
 
     def lora_adapters(self) -> list[nn.Module]:
         """The adapter modules: their parameters are the trainable ones."""
@@ -36,6 +38,18 @@ class LoRAWrapper(Protocol):
 
     def unmerge_(self) -> None:
         """Subtract the update again and call the adapters again (no-op if not merged)."""
+        ...
+
+    def check_mergeable(self) -> None:
+        """Raise, before any collective, if merge_() cannot fold the adapters in (e.g. they are disabled)."""
+        ...
+
+    def enable_adapters(self) -> None:
+        """Call the adapters in forward again."""
+        ...
+
+    def disable_adapters(self) -> None:
+        """Forward returns exactly the base's output; raises RuntimeError if merged."""
         ...
 
 

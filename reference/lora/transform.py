@@ -12,6 +12,8 @@
     finalize_lora_grads(model)       after backward: sum the gradients of adapters whose copies saw
                                      different tokens (MoE shared experts over EP, the router under SP)
     merge_lora(model) / unmerge_lora(model)   fold every adapter into its base weight / take it out
+    set_adapters_enabled(model, enabled)      turn every adapter off (the base model's outputs) or on
+    with disabled_adapters(model): ...        the base model for a block (e.g. a DPO reference pass)
 
 A model may also be a list of modules (pipeline chunks): each is handled in turn. Wrappers are found
 through the wrapper protocol (reference/lora/protocol.py), never by class.
@@ -20,6 +22,7 @@ through the wrapper protocol (reference/lora/protocol.py), never by class.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -130,8 +133,10 @@ def finalize_lora_grads(model) -> None:
     """After backward: sum the gradients of adapters whose copies saw different tokens.
 
     Shared grouped-expert adapters are summed over the EP group; router adapters under sequence
-    parallelism over the TP group (each names its group as `grad_sync_group`). Megatron does the same
-    in finalize_model_grads / grad hooks. A collective on every rank of those groups.
+    parallelism over the TP group (each names its group as `grad_sync_group`; an adapter with a
+    `grad_sync_parameters()` method, the grouped experts', has only those summed: its shared factors).
+    Megatron does the same in finalize_model_grads / grad hooks. A collective on every rank of those
+    groups.
 
     Args:
         model (nn.Module | list[nn.Module]): a model or its pipeline chunks, after backward.
@@ -141,7 +146,7 @@ def finalize_lora_grads(model) -> None:
             group = getattr(adapter, "grad_sync_group", None)
             if group is None:
                 continue
-            for param in adapter.parameters():
+            for param in getattr(adapter, "grad_sync_parameters", adapter.parameters)():
                 if not param.requires_grad:
                     continue
                 if param.grad is None:   # this rank's experts got no token: a zero contribution
@@ -171,7 +176,15 @@ def merge_lora(model: nn.Module, *, keep_wrappers: bool = False) -> nn.Module:
     Returns:
         nn.Module: `model` (changed in place), or the base layer when `model` is itself a wrapper and
         keep_wrappers is False.
+
+    Raises:
+        RuntimeError, ValueError: a wrapper that cannot be merged (its adapters disabled, or a
+            non-identity activation); raised before any wrapper changes.
     """
+    for _, wrapper in named_lora_wrappers(model):      # every check before the first change or collective
+        if not wrapper.merged:
+            wrapper.check_mergeable()
+
     def replace(child):
         if is_lora_wrapper(child):
             child.merge_()
@@ -199,6 +212,62 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def _named_wrappers(model) -> list:
+    return [(name, wrapper) for chunk in _chunks(model) for name, wrapper in named_lora_wrappers(chunk)]
+
+
+def set_adapters_enabled(model, enabled: bool) -> None:
+    """Turn every LoRA adapter of `model` on or off (Megatron-Bridge's enable/disable_adapter_layers).
+
+    Off, each wrapper returns exactly its base's output: the adapters are not called (no dropout, no
+    collective) and get no gradient. Nothing else changes (trainable flags, train/eval mode).
+
+    Args:
+        model (nn.Module | list[nn.Module]): a model (or a wrapper, or pipeline chunks) after apply_lora.
+        enabled (bool): True: the adapters add their update; False: the base model's outputs.
+
+    Raises:
+        TypeError: `enabled` is not a bool.
+        RuntimeError: disabling a model with merged wrappers (checked before any wrapper changes).
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    wrappers = _named_wrappers(model)
+    merged = [name or "<model>" for name, wrapper in wrappers if wrapper.merged]
+    if not enabled and merged:
+        raise RuntimeError(f"cannot disable the adapters of merged LoRA wrappers {merged[:4]}: unmerge_lora first")
+    for _, wrapper in wrappers:
+        if enabled:
+            wrapper.enable_adapters()
+        else:
+            wrapper.disable_adapters()
+
+
+@contextmanager
+def disabled_adapters(model):
+    """Within the block every adapter of `model` is off (the base model); on leaving it, also through an
+    exception, each wrapper is back in the state it had (Megatron-Bridge's PEFT.disable_adapter).
+
+        with disabled_adapters(policy):
+            reference_logits = policy(input_ids)      # the base model's logits
+
+    Args:
+        model (nn.Module | list[nn.Module]): a model (or a wrapper, or pipeline chunks) after apply_lora.
+
+    Yields:
+        the same `model`.
+    """
+    before = [(wrapper, wrapper.adapters_enabled) for _, wrapper in _named_wrappers(model)]
+    set_adapters_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for wrapper, enabled in before:
+            if enabled:
+                wrapper.enable_adapters()
+
+
 # build_adapter, is_lora_wrapper and lora_adapters were defined here before; they stay importable.
 __all__ = ["apply_lora", "transform", "freeze_all", "unmatched_patterns", "finalize_lora_grads", "merge_lora",
-           "unmerge_lora", "build_adapter", "is_lora_wrapper", "lora_adapters"]
+           "unmerge_lora", "set_adapters_enabled", "disabled_adapters", "build_adapter", "is_lora_wrapper",
+           "lora_adapters"]

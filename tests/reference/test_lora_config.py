@@ -140,6 +140,10 @@ BAD_CONFIGS = [
     ("normalize_moe_lora=1", dict(normalize_moe_lora=1), TypeError, "normalize_moe_lora", ["True", "False"]),
     ("share_expert_adapters=1", dict(share_expert_adapters=1), TypeError, "share_expert_adapters",
      ["True", "False"]),
+    ("sequence_parallel_input_regather=1", dict(sequence_parallel_input_regather=1), TypeError,
+     "sequence_parallel_input_regather", ["True", "False"]),
+    ("experts_shared_outer_loras='yes'", dict(experts_shared_outer_loras="yes"), TypeError,
+     "experts_shared_outer_loras", ["True", "False"]),
 ]
 
 
@@ -160,6 +164,7 @@ def test_bad_values_raise_at_construction(kwargs, exc, field, allowed):
     dict(lora_dtype=torch.float64), dict(dim=1), dict(dropout_position="post"),
     dict(lora_A_init_method="kaiming", lora_B_init_method="normal"),
     dict(a2a_experimental=True, normalize_moe_lora=True, share_expert_adapters=False),
+    dict(sequence_parallel_input_regather=True, experts_shared_outer_loras=True),
     dict(target_modules=["*.layers.1.*", "output_layer"]), dict(target_modules=[], exclude_modules=["head"]),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_good_values_are_accepted(kwargs):

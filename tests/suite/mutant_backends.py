@@ -257,6 +257,18 @@ class DropoutPostBeforeBBackend(_Mutant):
         return model
 
 
+class RegatherIgnoredBackend(_Mutant):
+    """sequence_parallel_input_regather is ignored: A keeps the gathered input (s, b, in) for backward."""
+
+    expected_clause = "LORA-FWD-10"
+    select = "LORA-FWD-10"
+
+    def apply_lora(self, model, config, training=True):
+        if config.sequence_parallel_input_regather:
+            config = dataclasses.replace(config, sequence_parallel_input_regather=False)   # BUG
+        return super().apply_lora(model, config, training)
+
+
 # ---- backward -------------------------------------------------------------------------------------
 
 def _column_forward_without_copy_to(self, x, A, B, caller_communicates=False):
@@ -336,6 +348,22 @@ class PerShardInitBackend(_Mutant):
             return super().apply_lora(model, config, training)
 
 
+class UniformXavierOnLinearBackend(_Mutant):
+    """On plain nn.Linear bases "xavier" draws A uniformly (xavier_uniform_: the right std, the wrong
+    distribution), as Megatron-Bridge's nn.Linear adapter does."""
+
+    expected_clause = "LORA-INIT-1"
+    select = "init_methods_on_plain_linear_bases"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model, kinds=("none",)):
+            if adapter.init_methods[0] == "xavier":
+                with torch.no_grad():
+                    torch.nn.init.xavier_uniform_(adapter.linear_in.weight)   # BUG: xavier is normal
+        return model
+
+
 # ---- dtype ------------------------------------------------------------------------------------------
 
 class LoraDtypeIgnoredOnParallelBackend(_Mutant):
@@ -402,6 +430,32 @@ class InferenceAdaptersTrainableBackend(_Mutant):
 
     def apply_lora(self, model, config, training=True):
         model = super().apply_lora(model, config, True)     # BUG: training flag dropped
+        return model
+
+
+class DisableOnlyFreezesBackend(_Mutant):
+    """Turning the adapters off only freezes them: they still add their update to the output."""
+
+    expected_clause = "LORA-INJ-6"
+    select = "LORA-INJ-6"
+
+    def set_adapters_enabled(self, model, enabled):
+        for wrapper in _wrappers(model):
+            wrapper.adapter.requires_grad_(enabled)          # BUG: frozen, but still called
+
+
+class BaseKeysRenamedBackend(_Mutant):
+    """The wrapper's state dict has the default `to_wrap.` keys: a base checkpoint no longer loads."""
+
+    expected_clause = "LORA-INJ-7"
+    select = "LORA-INJ-7"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for wrapper in _wrappers(model):                     # BUG: no key mapping (nn.Module's default)
+            for hooks in (wrapper._state_dict_hooks, wrapper._load_state_dict_pre_hooks,
+                          wrapper._load_state_dict_post_hooks):
+                hooks.clear()
         return model
 
 
@@ -479,6 +533,21 @@ class SharedExpertGradsNotSyncedBackend(_Mutant):
 
     def finalize_grads(self, model):
         pass                                                  # BUG: no sum over the EP group
+
+
+class SharedOuterFirstExpertOnlyBackend(_Mutant):
+    """experts_shared_outer_loras: every local expert reads the first local expert's per-expert factor."""
+
+    expected_clause = "MOE-SHARE-3"
+    select = "MOE-SHARE-3"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model):
+            if isinstance(adapter, ExpertAdapter) and config.experts_shared_outer_loras:
+                weights_for = adapter.weights_for
+                adapter.weights_for = lambda expert, _weights_for=weights_for: _weights_for(0)   # BUG
+        return model
 
 
 # ---- errors -----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from xml.etree import ElementTree
 
 import pytest
 
+from conformance.declared import example_values
 from tests.suite import mutant_backends
 
 REPO = Path(__file__).resolve().parents[2]
@@ -313,11 +314,45 @@ def test_strict_deviations_fail_on_xpass():
     assert run.props()["forward.linear_forward_matches_full_math"]["status"] == "xpassed"
 
 
+SCOPED_SELECT = "forward.gathered_output_or_full_input_matches_full_math"
+
+
+@pytest.mark.parametrize("scope, status", [
+    ("kind = row", "xfailed"),                   # exactly where the bug is: inside fails, outside passes
+    ("kind = row and tp > 1 and world = 2", "xfailed"),
+    ("kind = column", "failed"),                 # the row failures fall outside the scope
+    ("world > 2", "failed"),                     # a scope never drawn at world 2: the failure counts
+])
+def test_scoped_xfail_holds_inside_its_scope_only(scope, status):
+    """A deviation scoped to some examples: the property must fail inside the scope and pass outside."""
+    cls = mutant_backends.RowFullInputWrongSliceBackend
+    path = _deviations(f"xfail {SCOPED_SELECT} [{scope}]: the adapter reads the wrong slice of a full input\n")
+    run = conformance("-k", SCOPED_SELECT, "--profile", "quick", "--deviations", path, backend=_mutant_spec(cls))
+    prop = run.props()[SCOPED_SELECT]
+    assert prop["status"] == status, run.explain()
+    assert run.rc == (0 if status == "xfailed" else 1), run.explain()
+    if status == "xfailed":
+        assert example_values(prop["minimal_example"])["kind"] == "row"      # the failure it stands for
+        assert prop["reason"].endswith(f"[scope: {scope}]")
+    else:
+        assert "outside the declared scope" in prop["message"]
+
+
+def test_scoped_xfail_that_passes_inside_is_xpassed():
+    """The reference passes inside a declared scope: an XPASS, which --strict-deviations fails."""
+    path = _deviations(f"xfail {SCOPED_SELECT} [kind = row]: stale\n")
+    run = conformance("-k", SCOPED_SELECT, "--profile", "quick", "--strict-deviations", "--deviations", path)
+    assert run.props()[SCOPED_SELECT]["status"] == "xpassed" and run.rc == 1, run.explain()
+    assert "passed inside the declared scope [kind = row]" in run.output
+
+
 def test_malformed_deviation_line_is_a_usage_error():
     path = _deviations("# fine\nxfail forward.linear_forward_matches_full_math no colon here\n")
     run = conformance("-k", "forward.linear", "--deviations", path, world=1, timeout=120)
     assert run.rc == 2, run.explain()
     assert f"{path}:2" in run.output and "no colon here" in run.output, run.explain()
+    bad_scope = conformance("--deviations", _deviations("xfail forward.x [tp >> 1]: r\n"), world=1, timeout=120)
+    assert bad_scope.rc == 2 and "key OP value" in bad_scope.output, bad_scope.explain()
     missing = conformance("--deviations", str(TMP / "no-such-file.txt"), world=1, timeout=120)
     assert missing.rc == 2 and "no such file" in missing.output, missing.explain()
 
