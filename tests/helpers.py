@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from conformance.layout import TOLERANCES, Shard, gather, piece
+from conformance.layout import TOLERANCES, Shard, gather, piece, shard_of
 from reference.parallel import default_device, initialize_model_parallel
 
 def device() -> torch.device:
@@ -39,6 +39,12 @@ def chunk(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 def strided_chunk(x: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
     """Rank `rank`'s part of a [part_0; ...; part_{stride-1}] tensor along `dim` (SPEC [TP-COL-1])."""
     return piece(x, Shard(dim, stride), rank, size)
+
+
+def local_piece(tensor: str, kind: str, full: torch.Tensor, rank: int, size: int, **flags) -> torch.Tensor:
+    """This rank's piece of a full `tensor` ("input", "output", "weight", "bias", "A" or "B") of a
+    `kind` base with the layout `flags` (sp, stride, gather_output, input_is_parallel): SPEC's table."""
+    return piece(full, shard_of(tensor, kind, **flags), rank, size)
 
 
 def gather_full(local: torch.Tensor, dim: int, group, stride: int = 1) -> torch.Tensor:

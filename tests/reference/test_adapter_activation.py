@@ -15,7 +15,7 @@ from reference import ColumnParallelLinear, LoRA, LoRALinear, RowParallelLinear,
 from reference.lora import ADAPTER_ACTIVATIONS, ParallelLinearAdapter, adapter_arguments
 
 from ..distributed import run_distributed
-from ..helpers import NoCollectives, assert_close, chunk, init_tp, seeded
+from ..helpers import NoCollectives, assert_close, init_tp, local_piece, seeded
 
 S, BATCH, IN, OUT, R = 8, 2, 12, 16, 4
 ALPHA = 8.0
@@ -33,16 +33,12 @@ FORMULAS = {
 
 def _in(kind, sp, X, r, t):
     """This rank's input: column (s/t, b, in) under SP, else (s, b, in); row (s, b, in/t)."""
-    if kind == "column":
-        return chunk(X, 0, r, t) if sp else X
-    return chunk(X, -1, r, t)
+    return local_piece("input", kind, X, r, t, sp=sp)
 
 
 def _out(kind, sp, Y, r, t):
     """This rank's output: column (s, b, out/t); row (s/t, b, out) under SP, else (s, b, out)."""
-    if kind == "row":
-        return chunk(Y, 0, r, t) if sp else Y
-    return chunk(Y, -1, r, t)
+    return local_piece("output", kind, Y, r, t, sp=sp)
 
 
 def _wrapper(kind, sp, share, activation):
@@ -74,9 +70,10 @@ def check_activations():
                     y, _ = wrapper(_in(kind, sp, X, r, t))
                     assert_close(y, _out(kind, sp, Y, r, t), msg=tag)
                     (y * _out(kind, sp, G, r, t)).sum().backward()
-                    A_dim = 0 if kind == "column" else 1
-                    assert_close(wrapper.adapter.linear_in.weight.grad, chunk(dA, A_dim, r, t), scale=4, msg=f"dA {tag}")
-                    assert_close(wrapper.adapter.linear_out.weight.grad, chunk(dB, 0, r, t), scale=4, msg=f"dB {tag}")
+                    assert_close(wrapper.adapter.linear_in.weight.grad, local_piece("A", kind, dA, r, t), scale=4,
+                                 msg=f"dA {tag}")
+                    assert_close(wrapper.adapter.linear_out.weight.grad, local_piece("B", kind, dB, r, t), scale=4,
+                                 msg=f"dB {tag}")
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -16,7 +16,7 @@ from reference import ColumnParallelLinear, LoRA, RowParallelLinear, TinyGPT, Ti
 from reference.lora import disabled_adapters, named_lora_wrappers, set_adapters_enabled
 
 from ..distributed import run_distributed
-from ..helpers import assert_close, chunk, device, init_tp, seeded
+from ..helpers import assert_close, device, init_tp, local_piece, seeded
 
 S, BATCH, IN, OUT, R = 8, 2, 12, 16, 4
 ALPHA = 8.0
@@ -37,16 +37,12 @@ def _wrapped(kind, sp, share, dropout):
 
 def _in(kind, sp, X, r, t):
     """This rank's input: column (s/t, b, in) under SP, else (s, b, in); row (s, b, in/t)."""
-    if kind == "column":
-        return chunk(X, 0, r, t) if sp else X
-    return chunk(X, -1, r, t)
+    return local_piece("input", kind, X, r, t, sp=sp)
 
 
 def _out(kind, sp, Y, r, t):
     """This rank's output: column (s, b, out/t); row (s/t, b, out) under SP, else (s, b, out)."""
-    if kind == "row":
-        return chunk(Y, 0, r, t) if sp else Y
-    return chunk(Y, -1, r, t)
+    return local_piece("output", kind, Y, r, t, sp=sp)
 
 
 def _rng_states():
