@@ -2,7 +2,8 @@
 
 Checks a LoRA backend against SPEC.md with hypothesis properties, SPMD over the ranks torchrun
 started (or one process without torchrun). Exit code: 0 when nothing failed, 1 on any failure (or
-XPASS with --strict-deviations), 2 on bad usage, 3 when a rank had to be stopped by the watchdog.
+XPASS with --strict-deviations), 2 on bad usage, 3 when a rank had to be stopped by the watchdog,
+5 when -k selects no property.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import datetime
 import faulthandler
 import importlib
 import json
+import math
 import os
 import platform
 import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 import hypothesis
 import torch
@@ -27,6 +30,7 @@ from reference.parallel import init_distributed
 
 from . import declared
 from . import report
+from .backend import Backend
 from .backends.reference import ReferenceBackend
 from .context import Context
 from .layout import DTYPES
@@ -34,6 +38,7 @@ from .registry import load_all
 from .runner import FAIL, NA, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, run_property
 
 PROFILES = {"quick": 4, "default": 25, "thorough": 100}
+NOTHING_SELECTED = 5          # as pytest's exit code when no test was collected
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -82,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             json.loads(example)
         except ValueError as e:
             parser.error(f"--replay expects PROPERTY_ID=JSON_EXAMPLE ({e})")
+    for flag, path in (("--report-json", args.report_json), ("--junitxml", args.junitxml),
+                       ("--report-md", args.report_md)):
+        # Checked before anything runs: a report that cannot be written would be lost at the end.
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            parser.error(f"{flag}: the directory of {path!r} does not exist")
     if args.dtypes is not None:
         bad = [d for d in args.dtypes.split(",") if d and d not in DTYPES]
         if bad:
@@ -104,9 +114,12 @@ def _nonnegative_int(text):
 
 
 def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text}")
     return value
 
 
@@ -145,6 +158,8 @@ def load_backend(spec: str):
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         _usage_exit(f"cannot load backend {spec!r}: {e}")
+    if not (isinstance(target, type) and issubclass(target, Backend)):
+        _usage_exit(f"--backend {spec!r} is a {type(target).__name__}, not a subclass of conformance.backend.Backend")
     return target()
 
 
@@ -188,6 +203,21 @@ def main(argv=None) -> int:
         print(f"conformance: {e}", file=sys.stderr)
         return 2
     backend = load_backend(args.backend)
+    selected = properties
+    if args.keyword:
+        match = keyword_matcher(args.keyword)
+        selected = [p for p in properties if match(p)]
+        if not selected:
+            print(f"conformance: -k {args.keyword!r} selects no property (see --list)", file=sys.stderr)
+            return NOTHING_SELECTED
+    replay = None
+    if args.replay:
+        prop_id, _, example = args.replay.partition("=")
+        selected = [p for p in properties if p.id == prop_id]
+        if not selected:
+            print(f"conformance: --replay: no property {prop_id!r} (see --list)", file=sys.stderr)
+            return 2
+        replay = json.loads(example)
 
     init_distributed(timeout_s=args.timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -199,19 +229,6 @@ def main(argv=None) -> int:
         extra = ("bfloat16", "float16") if device.type == "cuda" else ()
     ctx = Context(world, rank, device, control_group, dtypes=("float32", *extra),
                   tp_sizes=[t for t in backend.tp_sizes(world) if world % t == 0] or [1])
-
-    selected = properties
-    if args.keyword:
-        match = keyword_matcher(args.keyword)
-        selected = [p for p in properties if match(p)]
-    replay = None
-    if args.replay:
-        prop_id, _, example = args.replay.partition("=")
-        selected = [p for p in properties if p.id == prop_id]
-        if not selected:
-            print(f"conformance: --replay: no property {prop_id!r} (see --list)", file=sys.stderr)
-            return 2
-        replay = json.loads(example)
 
     budget = args.max_examples or PROFILES[args.profile]
     options = RunOptions(budget=budget, seed=args.seed, timeout_s=args.timeout, backend_spec=args.backend,

@@ -369,13 +369,34 @@ def test_malformed_deviation_line_is_a_usage_error():
     (["--backend", "no_such_package.module:Backend"], "no_such_package"),
     (["--backend", "tests.suite.mutant_backends:NoSuchBackend"], "NoSuchBackend"),
     (["--backend", "not-a-spec"], "pkg.module:ClassName"),
+    (["--backend", "tests.suite.mutant_backends:MUTANTS"], "not a subclass of conformance.backend.Backend"),
+    (["--timeout", "inf"], "--timeout: must be a positive, finite number of seconds, got inf"),
+    (["--timeout", "nan"], "--timeout: must be a positive, finite number of seconds, got nan"),
+    (["--report-json", "/no/such/dir/r.json"], "--report-json: the directory of '/no/such/dir/r.json' does not exist"),
+    (["--junitxml", "/no/such/dir/r.xml"], "--junitxml: the directory"),
+    (["--deviations", "__non_utf8__"], "cannot read"),
 ], ids=["profile", "max-examples", "k-expression", "replay-no-equals", "replay-bad-json", "replay-unknown-id",
-        "backend-module", "backend-class", "backend-spec"])
+        "backend-module", "backend-class", "backend-spec", "backend-not-a-class", "timeout-inf", "timeout-nan",
+        "report-dir", "junit-dir", "deviations-not-utf8"])
 def test_usage_errors_exit_2(args, message):
+    if "__non_utf8__" in args:
+        path = TMP / "latin1-deviations.txt"
+        path.write_bytes("xfail forward.x: caf\xe9 au lait\n".encode("latin-1"))
+        args = [str(path) if a == "__non_utf8__" else a for a in args]
     run = conformance(*args, world=1, timeout=120, report=False)
     assert run.rc == 2, run.explain()
     assert message in run.output, run.explain()
     assert "Traceback" not in run.output, run.explain()
+
+
+def test_k_selecting_nothing_exits_5():
+    """-k that selects no property says so and exits 5 (pytest's code for no tests), before any process
+    group is made; under torchrun the ranks say so and the run fails."""
+    run = conformance("-k", "no_such_words_anywhere", world=1, timeout=120, report=False)
+    assert run.rc == 5, run.explain()
+    assert "selects no property" in run.output and "Traceback" not in run.output, run.explain()
+    both = conformance("-k", "no_such_words_anywhere", world=2, timeout=120, report=False)
+    assert both.rc != 0 and "selects no property" in both.output, both.explain()   # a rank may be stopped first
 
 
 # ---- reports ----------------------------------------------------------------------------------------------
