@@ -1,9 +1,9 @@
 """Agreeing across ranks on small values without object collectives.
 
-torch.distributed's object collectives (all-gather of a Python object) pickle through numpy, which torch does not depend on (nor do
-we). The suite only ever exchanges a few short fields (an error's type and message, where it was
-raised), so it encodes them as JSON bytes in a uint8 tensor and gathers those: two all-gathers, the
-lengths first, then the bytes padded to the longest.
+torch.distributed's object collectives (an all-gather of Python objects) pickle through numpy, which
+torch does not depend on (nor do we). The suite only ever exchanges a few short fields (an error's
+type and message, where it was raised), so it encodes them as JSON bytes in a uint8 tensor and
+gathers those: two all-gathers, the lengths first, then the bytes padded to the longest.
 """
 
 from __future__ import annotations
