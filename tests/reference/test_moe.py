@@ -638,14 +638,30 @@ def test_moe_lora_matches_dense_math(world_size):
 
 # ---- [MOE-SHARE-1] --------------------------------------------------------------------------------------
 
+def same_over_ep(param, state) -> bool:
+    """Whether `param` is the same on every rank of this rank's EP group."""
+    copies = [torch.empty_like(param) for _ in range(state.ep_size)]
+    dist.all_gather(copies, param.detach().contiguous(), group=state.ep_group)
+    return all(torch.equal(c, copies[0]) for c in copies)
+
+
 def _ep_identical(module, state):
     """Whether every parameter of `module` is the same on every rank of this rank's EP group."""
-    same = True
-    for p in module.parameters():
-        copies = [torch.empty_like(p) for _ in range(state.ep_size)]
-        dist.all_gather(copies, p.detach().contiguous(), group=state.ep_group)
-        same &= all(torch.equal(c, copies[0]) for c in copies)
-    return same
+    return all([same_over_ep(p, state) for p in module.parameters()])   # a list: every rank joins every gather
+
+
+def sgd_steps(block, tp, steps, finalize):
+    """`steps` SGD steps on `block`'s trainable parameters, each rank on its own tokens (so the experts
+    of different EP ranks see different tokens); finalize_lora_grads after each backward if asked."""
+    opt = torch.optim.SGD([p for p in block.parameters() if p.requires_grad], lr=0.5)
+    for step in range(steps):
+        x = seeded((S // tp, BATCH, H), rank_seed(100 + step))
+        g = seeded((S // tp, BATCH, H), rank_seed(200 + step))
+        opt.zero_grad()
+        (block(x) * g).sum().backward()
+        if finalize:
+            finalize_lora_grads(block)
+        opt.step()
 
 
 def _shared_run(tp, state, finalize, steps=3):
@@ -658,16 +674,7 @@ def _shared_run(tp, state, finalize, steps=3):
     start = [p.detach().clone() for a in adapters for p in a.parameters()]
     params = [p for p in block.parameters() if p.requires_grad]
     assert {id(p) for p in params} == {id(p) for a in adapters for p in a.parameters()}
-    opt = torch.optim.SGD(params, lr=0.5)
-    for step in range(steps):
-        # Each rank its own tokens: the experts of different EP ranks see different tokens.
-        x = seeded((S // tp, BATCH, H), rank_seed(100 + step))
-        g = seeded((S // tp, BATCH, H), rank_seed(200 + step))
-        opt.zero_grad()
-        (block(x) * g).sum().backward()
-        if finalize:
-            finalize_lora_grads(block)
-        opt.step()
+    sgd_steps(block, tp, steps, finalize)
     moved = any(not torch.equal(p, s) for p, s in zip((p for a in adapters for p in a.parameters()), start))
     return init_same, [_ep_identical(a, state) for a in adapters], moved
 

@@ -19,7 +19,7 @@ from reference import LoRA, finalize_lora_grads, merge_lora, unmerge_lora
 from ..distributed import run_distributed
 from ..helpers import all_reduce_sum, assert_close, chunk, gather_full, rank_seed, seeded, strided_chunk
 from .test_moe import (BATCH, E, EP_LAYOUTS, FFN, H, K, S, base_weights, block_pieces, build_block,
-                       dense_moe, grad_of, local_chunk, xavier)
+                       dense_moe, grad_of, local_chunk, same_over_ep, sgd_steps, xavier)
 
 CASES = [  # (gated, normalize_moe_lora, share_expert_adapters)
     (False, False, True),
@@ -192,24 +192,10 @@ def check_init_and_sync(layouts):
                  experts_shared_outer_loras=True)(block)
             a1, a2 = _adapters(block.mlp)
             shared = [a1.linear_in.weight, a2.linear_out.weight]
-            assert all(_same_over_ep(p, state) for p in shared), where
-            opt = torch.optim.SGD([p for p in block.parameters() if p.requires_grad], lr=0.5)
-            for step in range(2):
-                x = seeded((S // tp, BATCH, H), rank_seed(100 + step))
-                g = seeded((S // tp, BATCH, H), rank_seed(200 + step))
-                opt.zero_grad()
-                (block(x) * g).sum().backward()
-                if finalize:
-                    finalize_lora_grads(block)
-                opt.step()
-            same = [_same_over_ep(p, state) for p in shared]
+            assert all([same_over_ep(p, state) for p in shared]), where
+            sgd_steps(block, tp, 2, finalize)
+            same = [same_over_ep(p, state) for p in shared]
             assert all(same) if finalize else not all(same), (where, finalize, same)
-
-
-def _same_over_ep(param, state):
-    copies = [torch.empty_like(param) for _ in range(state.ep_size)]
-    dist.all_gather(copies, param.detach().contiguous(), group=state.ep_group)
-    return all(torch.equal(c, copies[0]) for c in copies)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
