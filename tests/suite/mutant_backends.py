@@ -123,20 +123,26 @@ class WrongScaleBackend(_Mutant):
         return model
 
 
-def _column_forward_without_gather(self, x, A, B, caller_communicates=False):
-    group = self.tp_group
-    if caller_communicates or self.explicit_expert_comm:
-        pass
-    elif self.sequence_parallel:
-        x = gather_from_sequence_parallel_region(x, group)
-    else:
-        x = copy_to_tensor_parallel_region(x, group)
-    h = self._down(x, A)                                 # BUG: (s, b, r/t) is never all-gathered to (s, b, r)
-    h = copy_to_tensor_parallel_region(h, group)
-    y = F.linear(h, B)
-    if self.gather_output and not caller_communicates:
-        y = gather_from_tensor_parallel_region(y, group)
-    return y
+def _column_forward_with_broken_gather(gather_h):
+    """A column adapter forward whose all-gather of A's output h (s, b, r/t) is `gather_h(h, group)`."""
+
+    def forward(self, x, A, B, caller_communicates=False):
+        group = self.tp_group
+        if not (caller_communicates or self.explicit_expert_comm):
+            x = (gather_from_sequence_parallel_region(x, group) if self.sequence_parallel
+                 else copy_to_tensor_parallel_region(x, group))
+        h = gather_h(self._down(x, A), group)                                  # the broken step
+        h = copy_to_tensor_parallel_region(h, group)
+        y = F.linear(h, B)
+        if self.gather_output and not caller_communicates:
+            y = gather_from_tensor_parallel_region(y, group)
+        return y
+
+    return forward
+
+
+# BUG: (s, b, r/t) is never all-gathered to (s, b, r).
+_column_forward_without_gather = _column_forward_with_broken_gather(lambda h, group: h)
 
 
 class ColumnMissingGatherBackend(_Mutant):
@@ -150,22 +156,9 @@ class ColumnMissingGatherBackend(_Mutant):
                                       _column_forward_without_gather)
 
 
-def _column_forward_gather_wrong_axis(self, x, A, B, caller_communicates=False):
-    group = self.tp_group
-    if caller_communicates or self.explicit_expert_comm:
-        pass
-    elif self.sequence_parallel:
-        x = gather_from_sequence_parallel_region(x, group)
-    else:
-        x = copy_to_tensor_parallel_region(x, group)
-    h_local = self._down(x, A)                                                 # (s, b, r/t)
-    # BUG: gathered along the sequence (dim 0) instead of the hidden dim, then viewed as (s, b, r).
-    h = gather_from_sequence_parallel_region(h_local, group).reshape(*h_local.shape[:-1], -1)
-    h = copy_to_tensor_parallel_region(h, group)
-    y = F.linear(h, B)
-    if self.gather_output and not caller_communicates:
-        y = gather_from_tensor_parallel_region(y, group)
-    return y
+# BUG: gathered along the sequence (dim 0) instead of the hidden dim, then viewed as (s, b, r).
+_column_forward_gather_wrong_axis = _column_forward_with_broken_gather(
+    lambda h, group: gather_from_sequence_parallel_region(h, group).reshape(*h.shape[:-1], -1))
 
 
 class GatherWrongAxisBackend(_Mutant):
