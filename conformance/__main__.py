@@ -30,7 +30,7 @@ from reference.parallel import init_distributed
 
 from . import declared
 from . import report
-from .backend import Backend
+from .backend import ASPECTS, Backend, capability_values, not_its_own
 from .backends.reference import ReferenceBackend
 from .context import Context
 from .layout import DTYPES
@@ -185,6 +185,19 @@ def start_watchdog(limit_s: float, what: dict) -> None:
     threading.Thread(target=watch, daemon=True, name="conformance-watchdog").start()
 
 
+def backend_declaration_problem(backend) -> str:
+    """What is wrong with a backend's `capabilities` or `borrowed` ("" if nothing), before any run."""
+    try:
+        capability_values(backend.capabilities)
+    except ValueError as e:
+        return f"capabilities: {e}"
+    unknown = sorted(name for name in backend.borrowed if name not in ASPECTS and not hasattr(Backend, name))
+    if unknown:
+        return (f"borrowed: unknown names {unknown}; allowed: the protocol methods of conformance.backend.Backend "
+                f"or the aspects {sorted(ASPECTS)}")
+    return ""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_deviations:
@@ -203,6 +216,10 @@ def main(argv=None) -> int:
         print(f"conformance: {e}", file=sys.stderr)
         return 2
     backend = load_backend(args.backend)
+    problem = backend_declaration_problem(backend)
+    if problem:
+        print(f"conformance: backend {args.backend}: {problem}", file=sys.stderr)
+        return 2
     selected = properties
     if args.keyword:
         match = keyword_matcher(args.keyword)
@@ -228,7 +245,8 @@ def main(argv=None) -> int:
     else:
         extra = ("bfloat16", "float16") if device.type == "cuda" else ()
     ctx = Context(world, rank, device, control_group, dtypes=("float32", *extra),
-                  tp_sizes=[t for t in backend.tp_sizes(world) if world % t == 0] or [1])
+                  tp_sizes=[t for t in backend.tp_sizes(world) if world % t == 0] or [1],
+                  capabilities=capability_values(backend.capabilities))
 
     budget = args.max_examples or PROFILES[args.profile]
     options = RunOptions(budget=budget, seed=args.seed, timeout_s=args.timeout, backend_spec=args.backend,
@@ -238,7 +256,9 @@ def main(argv=None) -> int:
               "dtypes": list(ctx.dtypes), "profile": args.profile, "examples_per_property": budget,
               "seed": args.seed, "timeout_s": args.timeout, "torch": torch.__version__,
               "hypothesis": hypothesis.__version__, "python": platform.python_version(),
-              "capabilities": sorted(backend.capabilities)}
+              "capabilities": {name: sorted(values) if values is not None else True
+                               for name, values in sorted(capability_values(backend.capabilities).items())},
+              "borrowed": dict(backend.borrowed)}
     warnings = [f"deviation line {d.line} '{d.pattern}' matches no property"
                 for d in declared.unmatched(deviation_list, properties)]
     if rank == 0:
@@ -257,10 +277,13 @@ def main(argv=None) -> int:
     started = time.monotonic()
     for index, prop in enumerate(selected, start=1):
         progress.index = index
-        missing = sorted(prop.needs - set(backend.capabilities))
+        missing = sorted(need for need in prop.needs if not backend.supports(need))
+        borrowed = not_its_own(backend, prop.judges)
         deviation = declared.find(deviation_list, prop)
         if missing:
             outcome = Outcome(prop, NA, reason=f"backend lacks: {', '.join(missing)}")
+        elif borrowed:
+            outcome = Outcome(prop, NA, reason=f"not the backend's own code: {borrowed}")
         elif world < prop.min_world:
             outcome = Outcome(prop, NA, reason=f"needs world size >= {prop.min_world}")
         elif deviation is not None and deviation.kind == "skip":

@@ -2,20 +2,48 @@
 
 A backend is one small class. The suite never looks inside a backend's modules except through
 these methods; everything else (inputs, expected values, gathering shards) it does itself, from
-SPEC.md and full-matrix float64 math.
+SPEC.md and full-matrix float64 math. conformance/backends/loralib.py is a complete example.
 
     class MyBackend(Backend):
         name = "my-lora"
-        capabilities = frozenset({"tp", "sp", "merge"})
+        capabilities = {"linear": True, "models": True, "dropout_position": {"pre"}}
+        borrowed = {"matching": "reference.lora.matching (my library has no name matching)"}
 
-        def init_parallel(self, tp, ep=1, etp=None): ...     # -> Groups
-        def reset_parallel(self): ...                         # forget cached groups (after a hang)
         def make_linear(self, spec): ...                      # -> a base layer holding spec's weights
-        def apply_lora(self, model, config, training=True): ...
+        def apply_lora(self, model, config, training=True): ... # -> the adapted model (or chunks)
         def adapter_weights(self, wrapped): ...               # -> (A, B) this rank's parameters
-        def merge_weight(self, base_weight, linear_out, linear_in, alpha, dim, *, tp_size, tp_group): ...
-        def merge_model(self, model): ...
-        def set_adapters_enabled(self, model, enabled): ...  # adapters off (the base model) / on
+        ...
+
+Lifecycle: the order in which the suite calls a backend, for one example
+------------------------------------------------------------------------
+1. `init_parallel(tp, ep, etp)` for the example's layout (layer examples on a plain nn.Linear skip
+   it). A TP = 1 backend may inherit the default, which makes a TP = 1 layout with the reference's
+   groups; properties that judge `init_parallel` are then "not applicable" for it.
+2. `make_linear(spec)` (wrapped by the suite in a `Container` that holds it under `spec.name`) or
+   `make_model(spec)` (or `make_plain_model`, conformance/plain.py). Models come in train mode.
+3. `validate_config(config)`, then `apply_lora(model, config, training)`. `model` is one module or a
+   *list of pipeline chunks* (VLM properties pass two); apply LoRA to every chunk. Return the adapted
+   model (the same object adapted in place, or a new one; for a list, a list of the same length):
+   the suite uses the returned value from then on and never the argument again. `training` says
+   which parameters require grad (SPEC [LORA-INJ-1], [LORA-INJ-2]); set the module's train/eval mode
+   to match if your library does that, but do nothing that depends on adapter values at that point.
+4. The suite writes its adapter weights through `adapter_weights(wrapped)` (in-place copies), and
+   only then switches modes itself: `module.train(mode)` on each chunk, for properties that need
+   eval. A library that merges on `eval()` (loralib with merge_weights=True) therefore merges the
+   weights the suite wrote. Properties that do not write weights (init, freezing) skip this step.
+5. Forward / backward / `finalize_grads(model)` / `set_adapters_enabled(model, on)` /
+   `merge_model(model)` (returns the merged model; the suite uses the return value).
+Between examples the suite drops every module; `reset_parallel()` is called only after a
+collective timed out.
+
+What a verdict means
+--------------------
+A property *judges* protocol methods or aspects of `apply_lora` (ASPECTS). It passes only on the
+backend's own code: when the backend inherits a judged method from this class, or says in `borrowed`
+that it takes that part from elsewhere (the reference, the suite's helpers, glue written for the
+backend because the library has none), the property is "not applicable" with that reason, never
+"passed". A method that *is* a function of `reference` or of the suite (e.g.
+`make_linear = staticmethod(plain_linear)`) counts as borrowed too.
 
 Conventions (those of Megatron, see SPEC.md):
 - Activations are (s, b, h). A column layer's forward takes the replicated input (or the sequence
@@ -27,8 +55,9 @@ Conventions (those of Megatron, see SPEC.md):
   and reads them in place: a backend that shards differently fails the properties that see it.
 - `plain_linear(spec)` builds the nn.Linear of a kind "linear" spec; `RawLoRAConfig` is what
   `validate_config` receives in the config properties (conformance/configs.py).
-- `capabilities` lists what the backend supports; properties that need something else are reported
-  "not applicable", never passed. See CAPABILITIES.
+- `capabilities` says what the backend supports: a set of names, or a mapping name -> True or the
+  set of supported values (CAPABILITY_VALUES), e.g. {"dropout_position": {"pre"}}: the suite then
+  draws only "pre" and checks it fully. Properties that need something else are "not applicable".
 """
 
 from __future__ import annotations
@@ -38,6 +67,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from reference import parallel
+
 from .configs import RawLoRAConfig  # noqa: F401 - part of the protocol: what validate_config may receive
 
 CAPABILITIES = {
@@ -45,15 +76,16 @@ CAPABILITIES = {
     "sp": "sequence parallelism",
     "a2a": "a2a_experimental for row bases under sequence parallelism",
     "linear": "plain nn.Linear bases (non-parallel adapters)",
-    "dropout_position": "dropout 'pre' and 'post'",
-    "init_methods": "lora_A_init_method / lora_B_init_method: xavier, kaiming, normal, zero",
+    "dropout_position": "dropout 'pre' and/or 'post' (values: the positions supported)",
+    "init_methods": "lora_A_init_method / lora_B_init_method (values: 'A:<method>' / 'B:<method>' supported)",
     "lora_dtype": "lora_dtype",
     "merge": "the tensor merge helper (merge_weight)",
     "merge_model": "whole-model merge (merge_model)",
     "models": "tiny Megatron-named models (make_model 'gpt') for matching and injection",
     "moe": "mixture-of-experts models (make_model 'moe'), expert parallelism, expert LoRA",
     "vlm": "vision-language models (make_model 'vlm') and VLMLoRA freezing",
-    "config_validation": "rejects bad LoRA configs at construction (validate_config)",
+    "config_validation": "rejects bad LoRA configs at construction (validate_config) (values: the fields "
+                         "it validates)",
     "relayout": "switching TP sizes within one run (properties that compare TP=1 with TP=world)",
     "disable_adapters": "turning a model's adapters off and on again (set_adapters_enabled)",
     "sp_input_regather": "sequence_parallel_input_regather: column adapters under SP keep only the input's "
@@ -61,6 +93,49 @@ CAPABILITIES = {
     "shared_outer_loras": "experts_shared_outer_loras: grouped experts share fc1's A and fc2's B, the other "
                           "factor per expert (with 'moe')",
 }
+
+
+# Capabilities that may name the values a backend supports; True (or a plain name) means all of them.
+CAPABILITY_VALUES = {
+    "dropout_position": frozenset({"pre", "post"}),
+    "init_methods": frozenset({f"{factor}:{method}" for factor in "AB"
+                               for method in ("xavier", "kaiming", "normal", "zero")}),
+    "config_validation": frozenset({"dim", "alpha", "dropout", "dropout_position", "lora_A_init_method",
+                                    "lora_B_init_method", "lora_dtype", "target_modules", "exclude_modules",
+                                    "a2a_experimental", "normalize_moe_lora", "share_expert_adapters",
+                                    "sequence_parallel_input_regather", "experts_shared_outer_loras"}),
+}
+
+# What a property may judge besides the protocol methods: parts of apply_lora.
+ASPECTS = {
+    "matching": "which modules apply_lora selects from the config's patterns (SPEC section 3)",
+    "injection": "how apply_lora wraps the selected modules: in place, once, state-dict keys (section 8)",
+    "freezing": "which parameters apply_lora leaves trainable, and train/eval modes (section 8, 11)",
+}
+
+
+def capability_values(capabilities) -> dict[str, frozenset | None]:
+    """name -> the supported values (None: no values to choose, or all of them), from a set of names
+    or a mapping name -> True / iterable of values; an unknown value is an error."""
+    if isinstance(capabilities, dict):
+        items = capabilities.items()
+    else:
+        items = ((name, True) for name in capabilities)
+    result = {}
+    for name, value in items:
+        if value is False or value is None:
+            continue
+        allowed = CAPABILITY_VALUES.get(name)
+        if value is True or allowed is None:
+            result[name] = None if allowed is None else allowed
+            continue
+        values = frozenset(value)
+        unknown = sorted(values - allowed)
+        if unknown:
+            raise ValueError(f"capability {name!r}: unknown values {unknown}; allowed: {sorted(allowed)}")
+        if values:
+            result[name] = values
+    return result
 
 
 @dataclass
@@ -122,7 +197,17 @@ class Backend:
     """Base class with the protocol; see the module docstring. Override what you support."""
 
     name = "unnamed"
-    capabilities: frozenset[str] = frozenset()
+    capabilities: frozenset[str] | dict = frozenset()
+    # Judged method or aspect -> where this backend's code for it comes from, when not its library
+    # (see "What a verdict means" above). Properties judging it are then "not applicable".
+    borrowed: dict[str, str] = {}
+
+    def supports(self, capability: str, value: str | None = None) -> bool:
+        """Whether the backend has `capability` (and, given a value, that value of it)."""
+        values = capability_values(self.capabilities)
+        if capability not in values:
+            return False
+        return value is None or values[capability] is None or value in values[capability]
 
     def describe(self) -> str:
         """One line for the report header (library versions, say)."""
@@ -134,7 +219,12 @@ class Backend:
 
     # -- parallel state -----------------------------------------------------------------------
     def init_parallel(self, tp: int, ep: int = 1, etp: int | None = None) -> Groups:
-        raise NotImplementedError
+        """The groups of a layout. Default, for backends without tensor parallelism: TP = 1 (and
+        EP = 1) made with the reference's groups; inheriting it makes TP-GROUP properties n/a."""
+        if tp != 1 or ep != 1 or etp not in (None, 1):
+            raise NotImplementedError(f"the default init_parallel makes TP = 1 only (asked: tp={tp}, ep={ep}, etp={etp})")
+        state = parallel.initialize_model_parallel(1)
+        return Groups(state.tp_group, 1, 0)
 
     def reset_parallel(self) -> None:
         """Forget every process group made so far: called after a collective timed out (the groups
@@ -187,6 +277,25 @@ class Backend:
     def base_weight(self, wrapped: nn.Module) -> torch.Tensor:
         """The base layer's local weight parameter inside a wrapped module."""
         return wrapped.to_wrap.weight
+
+
+def not_its_own(backend: Backend, judged) -> str:
+    """Why a property judging `judged` (method or aspect names) would not be earned by the backend's
+    own code: "" when every judged part is the backend's own."""
+    for name in judged:
+        if name in backend.borrowed:
+            return f"{name}: {backend.borrowed[name]}"
+        method = getattr(type(backend), name, None)
+        if name in ASPECTS or method is None:
+            continue
+        if method is getattr(Backend, name, None):
+            return f"{name}: the backend inherits the suite's default (conformance/backend.py)"
+        function = getattr(method, "__func__", method)
+        module = getattr(function, "__module__", "") or ""
+        if module.split(".")[0] == "reference" or (module.startswith("conformance.")
+                                                  and not module.startswith("conformance.backends.")):
+            return f"{name}: the backend uses {module}.{getattr(function, '__qualname__', '?')}"
+    return ""
 
 
 def plain_linear(spec: LinearSpec, device=None) -> nn.Linear:

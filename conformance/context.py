@@ -29,10 +29,29 @@ class Context:
     control_group: object                      # gloo group the suite uses for outcomes, never the backend
     dtypes: tuple[str, ...] = ("float32",)     # reduced dtypes this device supports, plus float32
     tp_sizes: list = field(default_factory=list)  # TP sizes to draw: divisors of the world the backend supports
+    capabilities: dict = field(default_factory=dict)  # the backend's, as backend.capability_values gives them
+
+    ran_changes: dict = field(default_factory=dict)   # set by `ran` during one example; reset by the runner
 
     def __post_init__(self):
         if not self.tp_sizes:
             self.tp_sizes = divisors(self.world_size)
+
+    def supports(self, capability: str, value: str | None = None) -> bool:
+        """Whether the backend has `capability` (and that value of it): what strategies may draw."""
+        if capability not in self.capabilities:
+            return False
+        values = self.capabilities[capability]
+        return value is None or values is None or value in values
+
+    def supported(self, capability: str, values) -> list:
+        """The values of `values` the backend supports (all of them for a capability without values)."""
+        return [v for v in values if self.supports(capability, v)]
+
+    def ran(self, **changes) -> None:
+        """Record that this example ran with `changes` (fitted to the backend): the reported minimal
+        example is then what ran, and replaying it runs the same."""
+        self.ran_changes.update(changes)
 
     # -- tensors --------------------------------------------------------------------------------
     def randn(self, shape, seed: int, dtype=torch.float64, scale: float = 1.0) -> torch.Tensor:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from .backend import Container, Groups, LinearSpec
 from .configs import layer_lora
 from .layout import DTYPES, Shard, example_shard, piece
+from .model_case import returned_model
 
 NAMES = {"column": "linear_qkv", "row": "linear_proj", "linear": "linear_fc1"}
 # A plain nn.Linear needs no TP group, so none is set up for it (switching layouts can be costly).
@@ -57,7 +58,8 @@ def layer_examples(draw, ctx, kinds=("column", "row", "linear"), sp=(False, True
     ex["seed"] = draw(st.integers(0, 2**16))
     if dropout:
         ex["dropout"] = draw(st.sampled_from([0.25, 0.5]))
-        ex["dropout_position"] = draw(st.sampled_from(["pre", "post"]))
+        # Only the positions the backend supports (capability values): each is then checked in full.
+        ex["dropout_position"] = draw(st.sampled_from(ctx.supported("dropout_position", ["pre", "post"])))
     return ex
 
 
@@ -179,11 +181,14 @@ def add_lora(ctx, backend, base: Built, load_adapter: bool = True, torch_seed: i
     config = backend.validate_config(layer_lora(ex, name, **lora_overrides))
     if torch_seed is not None:
         torch.manual_seed(torch_seed)
-    backend.apply_lora(base.container, config, training=True)
-    wrapped = base.container.layer()
+    container = returned_model(base.container, backend.apply_lora(base.container, config, training=True))
+    if not isinstance(container, Container):
+        raise AssertionError(f"apply_lora returned a {type(container).__name__} for the suite's Container; return "
+                             f"the model it was given (adapted in place) or a copy of it (conformance/backend.py)")
+    wrapped = container.layer()
     A = _rounded(ctx.randn((ex["dim"], ex["in"]), ex["seed"] + 2, scale=ex["in"] ** -0.5), base.dtype)
     B = _rounded(ctx.randn((ex["out"], ex["dim"]), ex["seed"] + 3, scale=ex["dim"] ** -0.5), base.dtype)
-    built = Built(ex, base.groups, base.container, wrapped, base.W, base.bias, A, B, base.dtype)
+    built = Built(ex, base.groups, container, wrapped, base.W, base.bias, A, B, base.dtype)
     if load_adapter:
         load_adapter_weights(built, backend)
     return built
@@ -195,21 +200,32 @@ def as_plain_linear(ex: dict) -> dict:
                 stride=1, skip_bias_add=False)
 
 
-def fit_to_backend(ex: dict, backend) -> dict:
+def fit_to_backend(ctx, ex: dict, backend) -> dict:
     """The example moved onto bases the backend has, for properties whose point is not the base kind:
-    column/row bases become plain nn.Linear for a backend without "tp", and the reverse."""
-    caps = backend.capabilities
-    if ex["kind"] != "linear" and "tp" not in caps and "linear" in caps:
-        return as_plain_linear(ex)
-    if ex["kind"] == "linear" and "linear" not in caps:
-        return dict(ex, kind="column")                       # a TP-1 column base with the same sizes
-    if ex["tp"] > 1 and "tp" not in caps:
-        ex = dict(ex, tp=1, sp=False, a2a=False)
-    if ex["sp"] and "sp" not in caps:
-        ex = dict(ex, sp=False, a2a=False)
-    if ex["a2a"] and "a2a" not in caps:
-        ex = dict(ex, a2a=False)
-    return ex
+    column/row bases become plain nn.Linear for a backend without "tp", and the reverse. What changed
+    is recorded (ctx.ran), so that a failure reports the example that ran."""
+    fitted = ex
+    if ex["kind"] != "linear" and not backend.supports("tp") and backend.supports("linear"):
+        fitted = as_plain_linear(ex)
+    elif ex["kind"] == "linear" and not backend.supports("linear"):
+        fitted = dict(ex, kind="column")                     # a TP-1 column base with the same sizes
+    else:
+        if ex["tp"] > 1 and not backend.supports("tp"):
+            fitted = dict(fitted, tp=1, sp=False, a2a=False)
+        if fitted["sp"] and not backend.supports("sp"):
+            fitted = dict(fitted, sp=False, a2a=False)
+        if fitted["a2a"] and not backend.supports("a2a"):
+            fitted = dict(fitted, a2a=False)
+    ctx.ran(**{key: value for key, value in fitted.items() if ex.get(key) != value})
+    return fitted
+
+
+def fit_layout(ctx, backend, ex: dict) -> tuple[int, bool]:
+    """(tp, sp) of a model example moved onto what the backend supports; recorded (ctx.ran)."""
+    tp = ex["tp"] if backend.supports("tp") else 1
+    sp = ex["sp"] and tp > 1 and backend.supports("sp")
+    ctx.ran(**{key: value for key, value in (("tp", tp), ("sp", sp)) if ex.get(key) != value})
+    return tp, sp
 
 
 def plain_example(**values) -> dict:

@@ -81,11 +81,28 @@ def unmatched_targets(candidates, targets) -> list[str]:
 
 
 def apply_quietly(backend, model, config, training=True):
-    """apply_lora with warnings recorded (unmatched patterns warn, [LORA-MATCH-5]); returns the records."""
+    """apply_lora with warnings recorded (unmatched patterns warn, [LORA-MATCH-5]); returns (the model
+    apply_lora returned, the records). The suite uses only the returned model from then on (a backend
+    may return a new one; conformance/backend.py, "Lifecycle")."""
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        backend.apply_lora(model, backend.validate_config(config), training=training)
-    return records
+        adapted = backend.apply_lora(model, backend.validate_config(config), training=training)
+    return returned_model(model, adapted), records
+
+
+def returned_model(given, returned):
+    """What apply_lora returned, checked against what it was given: a module for a module, a list of
+    the same length for a list of chunks."""
+    if isinstance(given, (list, tuple)):
+        if not isinstance(returned, (list, tuple)) or len(returned) != len(given):
+            raise AssertionError(f"apply_lora was given {len(given)} chunks and returned {type(returned).__name__}"
+                                 + (f" of {len(returned)}" if isinstance(returned, (list, tuple)) else "")
+                                 + " (it must return the adapted chunks, a list of the same length)")
+        return list(returned)
+    if not isinstance(returned, nn.Module):
+        raise AssertionError(f"apply_lora returned {type(returned).__name__}, not the adapted model "
+                             f"(return the model, adapted in place or new)")
+    return returned
 
 
 # ---- experts ([MOE-MATCH-1], [MOE-RANK-1]) ---------------------------------------------------------------

@@ -36,6 +36,24 @@ SECTIONS = {
 }
 
 
+# What a property judges when it does not say (conformance/backend.py, "What a verdict means"): the
+# protocol method or apply_lora aspect whose behaviour its verdict is about.
+JUDGES = {
+    "parallel": ("make_linear",),
+    "config": ("validate_config",),
+    "matching": ("matching",),
+    "forward": ("apply_lora",),
+    "backward": ("apply_lora",),
+    "init": ("apply_lora",),
+    "dtype": ("apply_lora",),
+    "injection": ("injection",),
+    "merge": ("merge_weight",),
+    "moe": ("apply_lora",),
+    "vlm": ("freezing",),
+    "errors": ("apply_lora",),
+}
+
+
 @dataclass
 class Property:
     id: str
@@ -48,13 +66,15 @@ class Property:
     weight: float = 1.0          # share of the profile's example budget (heavy properties: less)
     min_world: int = 1
     dtypes: tuple[str, ...] = field(default_factory=tuple)
+    judges: tuple[str, ...] = ()
 
     def max_examples(self, budget: int) -> int:
         return max(1, round(budget * self.weight))
 
 
-def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_world: int = 1):
-    """Register a property checking `clauses`; see the module docstring."""
+def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_world: int = 1, judges=()):
+    """Register a property checking `clauses`; see the module docstring. `judges`: the protocol
+    methods / apply_lora aspects its verdict is about (default: its section's, JUDGES)."""
 
     def register(fn):
         section = fn.__module__.rsplit(".", 1)[-1]
@@ -63,7 +83,7 @@ def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_w
         PROPERTIES.append(Property(
             id=f"{section}.{fn.__name__}", section=section, clauses=tuple(clauses),
             needs=frozenset(needs), strategy=strategy, fn=fn, doc=(fn.__doc__ or "").strip(),
-            weight=weight, min_world=min_world))
+            weight=weight, min_world=min_world, judges=tuple(judges) or JUDGES[section]))
         return fn
 
     return register

@@ -55,6 +55,14 @@ def summary_text(outcomes, header: dict) -> str:
     failures = [o for o in outcomes if o.status in (FAIL, XPASS)]
     for o in failures:
         lines += ["", f"{o.status.upper()}: {o.property.id}  [{', '.join(o.property.clauses)}]"]
+        if o.failures:   # several kinds of failure: each with its own minimal example
+            lines.append(f"  {len(o.failures)} distinct kinds of failure:")
+            for i, failure in enumerate(o.failures, 1):
+                lines += [f"  [{i}] " + line if j == 0 else "      " + line
+                          for j, line in enumerate(failure["message"].splitlines())]
+                lines.append(f"      minimal example: {json.dumps(failure['minimal_example'], sort_keys=True)}")
+                lines.append(f"      reproduce: {failure['reproduce']}")
+            continue
         if o.message:
             lines += ["  " + line for line in o.message.splitlines()]
         if o.example is not None:
@@ -64,13 +72,29 @@ def summary_text(outcomes, header: dict) -> str:
     verdicts = clause_verdicts(outcomes)
     counts = {s: sum(1 for v in verdicts.values() if v["status"] == s) for s in STATUSES}
     lines += ["", "Clauses: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
+    lines.append(own_code_line(outcomes))
     lines.append(f"Seed {header.get('seed')}, {header.get('elapsed_s', 0):.1f} s")
     return "\n".join(lines)
+
+
+NOT_OWN = "not the backend's own code"
+
+
+def own_code_line(outcomes) -> str:
+    """Passes are earned by the backend's own code; properties that would only have run the suite's
+    defaults or borrowed code are n/a, and counted apart from those that lack a capability."""
+    passed = sum(o.status == PASS for o in outcomes)
+    not_own = [o for o in outcomes if o.status == NA and o.reason.startswith(NOT_OWN)]
+    lacking = sum(o.status == NA for o in outcomes) - len(not_own)
+    parts = sorted({o.reason.split(": ", 2)[1] for o in not_own if o.reason.count(": ") >= 1})
+    return (f"Passed on the backend's own code: {passed}; not applicable: {lacking} (capability or world size), "
+            f"{len(not_own)} (not the backend's own code" + (f": {', '.join(parts)})" if parts else ")"))
 
 
 def write_json(path: str, outcomes, header: dict, warnings: list[str]) -> None:
     data = {"header": header, "warnings": warnings,
             "summary": {s: sum(1 for o in outcomes if o.status == s) for s in STATUSES},
+            "not_own_code": sum(1 for o in outcomes if o.status == NA and o.reason.startswith(NOT_OWN)),
             "sections": by_section(outcomes), "clauses": clause_verdicts(outcomes),
             "properties": [o.to_json() for o in outcomes]}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

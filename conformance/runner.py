@@ -14,6 +14,7 @@ runner rebuilds the process groups before the next property (old ones may be out
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -49,12 +50,14 @@ class Outcome:
     example: dict | None = None
     reason: str = ""                       # for skip / xfail / n/a
     reproduce: str = ""
+    failures: list = field(default_factory=list)   # each distinct failure kind: message, example, reproduce
 
     def to_json(self) -> dict:
         return {"id": self.property.id, "section": self.property.section, "clauses": list(self.property.clauses),
+                "judges": list(self.property.judges),
                 "status": self.status, "examples": self.examples, "seconds": round(self.seconds, 3),
                 "message": self.message, "minimal_example": self.example, "reason": self.reason,
-                "reproduce": self.reproduce}
+                "reproduce": self.reproduce, "failures": self.failures}
 
 
 def _is_timeout(error: BaseException) -> bool:
@@ -86,7 +89,34 @@ def spmd_call(ctx, fn) -> None:
         text += f"\n  ... and {len(same) - 4} more distinct failures"
     if any(f["timeout"] for _, f in failed):
         raise CollectiveHang(f"a collective timed out (hung or mismatched across ranks):\n{text}")
-    raise AssertionError(f"failed on rank(s) {[r for r, _ in failed]}:\n{text}")
+    kind = failure_kind(f["summary"] for _, f in failed)
+    raise kind_error(kind)(f"failed on rank(s) {[r for r, _ in failed]}:\n{text}")
+
+
+def failure_kind(summaries) -> str:
+    """The kind of a failure, from each failing rank's "Type: message" line: the exception type and the
+    message with the values taken out (numbers, quoted text, (...) and [...] groups), so that the same
+    check failing on other values is one kind. Different kinds are shrunk and reported separately."""
+    kinds = set()
+    for summary in summaries:
+        first = summary.splitlines()[0] if summary else ""
+        text = re.sub(r"'[^']*'|\"[^\"]*\"|\([^()]*\)|\[[^\[\]]*\]|[-+]?\d[\w.+-]*", "#", first)
+        kinds.add(" ".join(text.split())[:160])
+    return "; ".join(sorted(kinds))
+
+
+_KIND_ERRORS: dict[str, type] = {}
+MAX_KINDS = 4   # more distinct kinds in one property share one report (each kind costs a shrink)
+
+
+def kind_error(kind: str) -> type:
+    """An AssertionError subclass per failure kind: hypothesis tells bugs apart by exception type, so
+    with report_multiple_bugs each kind gets its own minimal example."""
+    if kind not in _KIND_ERRORS:
+        if len(_KIND_ERRORS) >= MAX_KINDS * 64:   # bounded across a whole run
+            kind = "other"
+        _KIND_ERRORS.setdefault(kind, type("PropertyFailure", (AssertionError,), {"kind": kind}))
+    return _KIND_ERRORS[kind]
 
 
 def _innermost_frame(error: BaseException) -> str:
@@ -135,22 +165,29 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
     fail (their failures are recorded, not raised), examples outside it must pass."""
     budget = prop.max_examples(options.budget)
     start = time.monotonic()
-    state = {"examples": 0, "last_failing": None, "in_scope_failed": None, "in_scope_passed": None}
+    # failing: kind -> (the example as it ran, message); hypothesis replays each kind's minimal example last.
+    state = {"examples": 0, "failing": {}, "in_scope_failed": None, "in_scope_passed": None}
 
     def check(example: dict) -> None:
         state["examples"] += 1
         progress.tick(prop, state["examples"], budget, start)
         inside = scoped is not None and scoped.in_scope(example, ctx.world_size)   # the same on every rank
+        ctx.ran_changes = {}
         try:
             spmd_call(ctx, lambda: prop.fn(ctx, backend, example))
         except AssertionError as error:
+            ran = as_ran(example, ctx.ran_changes)
             if inside:
-                state["in_scope_failed"] = state["in_scope_failed"] or (example, _first_lines(str(error)))
+                state["in_scope_failed"] = state["in_scope_failed"] or (ran, _first_lines(str(error)))
                 return
-            state["last_failing"] = example   # hypothesis replays the minimal example last
-            raise
+            kind = getattr(error, "kind", "AssertionError")
+            if kind not in state["failing"] and len(state["failing"]) >= MAX_KINDS:
+                kind = "other"
+                error = kind_error("other")(str(error))
+            state["failing"][kind] = (ran, _first_lines(str(error)))
+            raise error
         if inside and state["in_scope_passed"] is None:
-            state["in_scope_passed"] = example
+            state["in_scope_passed"] = as_ran(example, ctx.ran_changes)
 
     try:
         if replay is not None:
@@ -159,7 +196,7 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
             test = given(prop.strategy(ctx))(check)
             test = settings(max_examples=budget, derandomize=False, database=None, deadline=None,
                             suppress_health_check=list(HealthCheck), print_blob=False,
-                            phases=[Phase.explicit, Phase.generate, Phase.shrink], report_multiple_bugs=False,
+                            phases=[Phase.explicit, Phase.generate, Phase.shrink], report_multiple_bugs=True,
                             verbosity=Verbosity.quiet)(test)
             seed(options.seed)(test)()
         status, message = PASS, ""
@@ -168,18 +205,46 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
         recover_groups(ctx, backend)
     except AssertionError as error:
         status, message = FAIL, _first_lines(str(error))
+    except BaseExceptionGroup as group:   # several failure kinds (report_multiple_bugs)
+        hangs = [e for e in group.exceptions if isinstance(e, CollectiveHang)]
+        if hangs:
+            status, message = FAIL, f"HANG: {hangs[0]}"
+            recover_groups(ctx, backend)
+        else:
+            status, message = FAIL, f"{len(group.exceptions)} distinct kinds of failure"
     except Flaky as error:
         status, message = FAIL, f"FLAKY: the failure did not reproduce on replay: {_first_lines(str(error))}"
     except HypothesisException as error:
         status, message = FAIL, f"{type(error).__name__}: {_first_lines(str(error))}"
     except Exception as error:   # noqa: BLE001 - e.g. a strategy that raised: report it, run the rest
         status, message = FAIL, f"the property itself raised (not an example): {type(error).__name__}: {error}"
-    example = state["last_failing"] if status == FAIL else None
+    failures = [{"kind": kind, "message": text, "minimal_example": ran,
+                 "reproduce": reproduce_command(options, prop, ran)}
+                for kind, (ran, text) in state["failing"].items()] if status == FAIL else []
+    example = failures[0]["minimal_example"] if failures else None
+    if len(failures) > 1:
+        message = f"{len(failures)} distinct kinds of failure, each with its minimal example:\n" + "\n".join(
+            f"[{i}] {f['message']}" for i, f in enumerate(failures, 1))
+    elif failures and not message.startswith(("HANG", "FLAKY")):
+        message = failures[0]["message"]
     if scoped is not None:
         status, message, example = _scoped_verdict(scoped, status, message, example, state)
     return Outcome(prop, status, state["examples"], time.monotonic() - start, message, example,
                    reproduce=reproduce_command(options, prop, example)
-                   if status == FAIL or (status in (XFAIL, XPASS) and example is not None) else "")
+                   if status == FAIL or (status in (XFAIL, XPASS) and example is not None) else "",
+                   failures=failures if status == FAIL and len(failures) > 1 else [])
+
+
+def as_ran(example, changes: dict):
+    """The example as it ran: a property that fitted it to the backend recorded `changes`
+    (Context.ran); for a tuple of parts, they apply to the first part (the layer or model example)."""
+    if not changes:
+        return example
+    if isinstance(example, dict):
+        return {**example, **changes}
+    if isinstance(example, (tuple, list)) and example and isinstance(example[0], dict):
+        return [{**example[0], **changes}, *example[1:]]
+    return example
 
 
 def _scoped_verdict(scoped, status, message, example, state):

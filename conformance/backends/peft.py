@@ -11,21 +11,18 @@ module names stay those of the model. PEFT has no tensor parallelism and no drop
 (dropout is always applied to the adapter input). The differences are declared, with reasons, in
 conformance/deviations/peft.txt.
 
-Models: PEFT adapts nn.Linear, and the reference's TinyGPT is built of column/row-parallel layers,
-so `make_model("gpt")` builds `PlainGPT`, the same network at TP = 1 with nn.Linear layers under the
-same Megatron names and the same weights (copied from a reference TinyGPT of the same seed).
+Models: PEFT adapts nn.Linear, so `make_model("gpt")` is the suite's `make_plain_model`
+(conformance/plain.py): TinyGPT at TP = 1 with nn.Linear layers under Megatron's names. PEFT has no
+tensor parallelism: the backend inherits the suite's TP = 1 `init_parallel`, so TP-GROUP properties
+are "not applicable" for it, not passed.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-import reference
-from reference import parallel
-
-from ..backend import Backend, Groups, LinearSpec, ModelSpec, plain_linear
+from ..backend import Backend, LinearSpec, ModelSpec, plain_linear
+from ..plain import make_plain_model
 
 ADAPTER = "default"
 
@@ -38,70 +35,14 @@ def _peft():
     return peft
 
 
-class PlainGPT(nn.Module):
-    """TinyGPT's math at TP = 1 with nn.Linear layers, under Megatron's names."""
-
-    def __init__(self, reference_model):
-        super().__init__()
-        config = reference_model.config
-        self.config = config
-        self.embedding = reference_model.embedding                     # replicated nn.Embeddings
-        self.decoder = nn.Module()
-        self.decoder.layers = nn.ModuleList()
-        for ref_layer in reference_model.decoder.layers:
-            layer = nn.Module()
-            layer.input_layernorm = ref_layer.input_layernorm
-            layer.pre_mlp_layernorm = ref_layer.pre_mlp_layernorm
-            layer.self_attention = nn.Module()
-            layer.self_attention.linear_qkv = _plain(ref_layer.self_attention.linear_qkv)
-            layer.self_attention.linear_proj = _plain(ref_layer.self_attention.linear_proj)
-            layer.mlp = nn.Module()
-            layer.mlp.linear_fc1 = _plain(ref_layer.mlp.linear_fc1)
-            layer.mlp.linear_fc2 = _plain(ref_layer.mlp.linear_fc2)
-            self.decoder.layers.append(layer)
-        self.decoder.final_layernorm = reference_model.decoder.final_layernorm
-        self.output_layer = _plain(reference_model.output_layer)
-        self.heads = config.num_attention_heads
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(input_ids)                                   # (s, b, h)
-        s, b, h = x.shape
-        for layer in self.decoder.layers:
-            qkv = layer.self_attention.linear_qkv(layer.input_layernorm(x)).view(s, b, self.heads, 3, h // self.heads)
-            q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))
-            context = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3).reshape(s, b, h)
-            x = x + layer.self_attention.linear_proj(context)
-            hidden = layer.mlp.linear_fc1(layer.pre_mlp_layernorm(x))
-            if self.config.gated_linear_unit:
-                gate, up = hidden.chunk(2, dim=-1)
-                hidden = F.silu(gate) * up
-            else:
-                hidden = F.gelu(hidden)
-            x = x + layer.mlp.linear_fc2(hidden)
-        return self.output_layer(self.decoder.final_layernorm(x)).transpose(0, 1)
-
-
-def _plain(parallel_layer) -> nn.Linear:
-    weight, bias = parallel_layer.full_weight()
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
 class PeftBackend(Backend):
     name = "peft"
-    capabilities = frozenset({"linear", "dropout_position", "init_methods", "merge_model", "models",
-                              "disable_adapters"})
+    capabilities = {"linear": True, "merge_model": True, "models": True, "disable_adapters": True,
+                    "dropout_position": {"pre"},                # lora_dropout acts on the adapter input
+                    "init_methods": {"A:kaiming", "B:zero"}}    # init_lora_weights=True (no xavier / N(0, 0.2^2))
 
     def describe(self) -> str:
         return f"HF PEFT {_peft().__version__} (LoRA on nn.Linear, TP=1), torch {torch.__version__}"
-
-    def init_parallel(self, tp, ep=1, etp=None) -> Groups:
-        state = parallel.initialize_model_parallel(1)   # PEFT has no tensor parallelism
-        return Groups(state.tp_group, 1, 0)
 
     def make_linear(self, spec: LinearSpec):
         if spec.kind != "linear":
@@ -109,14 +50,7 @@ class PeftBackend(Backend):
         return plain_linear(spec)
 
     def make_model(self, spec: ModelSpec):
-        if spec.kind != "gpt":
-            raise NotImplementedError(f"no {spec.kind} model for PEFT")
-        parallel.initialize_model_parallel(1)
-        config = reference.TinyGPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-                                         num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
-                                         ffn_hidden_size=spec.ffn_hidden_size, gated_linear_unit=spec.gated_linear_unit,
-                                         params_dtype=spec.dtype)
-        return PlainGPT(reference.TinyGPT(config, seed=spec.seed, device="cpu"))
+        return make_plain_model(spec)
 
     def validate_config(self, config):
         peft = _peft()

@@ -38,8 +38,7 @@ def parallel_gradients_match_full_math(ctx, backend, ex):
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
     """The same under sequence parallelism (and a2a when drawn, if the backend has it)."""
-    if ex["a2a"] and "a2a" not in backend.capabilities:
-        ex = dict(ex, a2a=False)
+    ex = fit_to_backend(ctx, ex, backend)
     _check_backward(ctx, backend, ex)
 
 
@@ -49,8 +48,7 @@ def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
 def sp_input_regather_gradients_match_full_math(ctx, backend, ex):
     """sequence_parallel_input_regather: dA (from the re-gathered input), dB and dx still equal the
     full-matrix gradients."""
-    if ex["a2a"] and "a2a" not in backend.capabilities:
-        ex = dict(ex, a2a=False)
+    ex = fit_to_backend(ctx, ex, backend)
     _check_backward(ctx, backend, ex, sequence_parallel_input_regather=True)
 
 
@@ -71,7 +69,7 @@ def linear_gradients_match_full_math(ctx, backend, ex):
 @prop("LORA-BWD-3", strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,)))
 def base_weights_are_frozen(ctx, backend, ex):
     """After LoRA is applied the base weight and bias do not require grad and get no gradient."""
-    ex = fit_to_backend(ex, backend)
+    ex = fit_to_backend(ctx, ex, backend)
     built = _check_backward(ctx, backend, ex)
     for name, param in built.container.named_parameters():
         is_adapter = any(param is w for w in backend.adapter_weights(built.wrapped))

@@ -22,7 +22,7 @@ def _examples(ctx):
 def adapter_parameters_have_the_lora_dtype(ctx, backend, drawn):
     """A and B have lora_dtype for column, row and nn.Linear bases; None means the base's dtype."""
     ex, lora_name = drawn
-    ex = fit_to_backend(ex, backend)
+    ex = fit_to_backend(ctx, ex, backend)
     lora_dtype = None if lora_name is None else DTYPES[lora_name]
     built = build(ctx, backend, ex, load_adapter=False, lora_dtype=lora_dtype)
     want = lora_dtype or built.dtype
@@ -38,7 +38,7 @@ def output_has_the_base_dtype_and_lora_dtype_math(ctx, backend, drawn):
     """The wrapped layer's output has the base output's dtype, and equals the full math with x, A
     and B rounded to lora_dtype (to that dtype's tolerance)."""
     ex, lora_name = drawn
-    ex = fit_to_backend(ex, backend)
+    ex = fit_to_backend(ctx, ex, backend)
     lora_dtype = None if lora_name is None else DTYPES[lora_name]
     built = build(ctx, backend, ex, load_adapter=False, lora_dtype=lora_dtype)
     adapter_dtype = lora_dtype or built.dtype

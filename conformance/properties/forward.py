@@ -87,8 +87,7 @@ def a2a_forward_matches_full_math(ctx, backend, ex):
 def sp_input_regather_forward_matches_full_math(ctx, backend, ex):
     """sequence_parallel_input_regather under SP (column linear_qkv and row bases, a2a when drawn and
     supported): the output is still base + (alpha/r) B A x."""
-    if ex["a2a"] and "a2a" not in backend.capabilities:
-        ex = dict(ex, a2a=False)
+    ex = fit_to_backend(ctx, ex, backend)
     _check_forward(ctx, backend, ex, "forward with sequence_parallel_input_regather",
                    sequence_parallel_input_regather=True)
 
@@ -128,7 +127,7 @@ def sp_input_regather_keeps_only_the_sequence_shard(ctx, backend, ex):
 def scale_is_alpha_over_dim(ctx, backend, drawn):
     """The update is scaled by alpha / dim for any alpha and dim (on whatever bases the backend has)."""
     ex, dim_factor, alpha = drawn
-    ex = fit_to_backend(ex, backend)
+    ex = fit_to_backend(ctx, ex, backend)
     dim = ex["dim"] * dim_factor if ex["kind"] == "column" else max(1, ex["dim"] * dim_factor // 4)
     _check_forward(ctx, backend, dict(ex, dim=dim, alpha=alpha), f"scale alpha/dim = {alpha}/{dim}")
 
@@ -182,9 +181,9 @@ def dropout_examples(draw, ctx):
     return ex
 
 
-def _supported(ex, backend):
+def _supported(ctx, ex, backend):
     """The example, moved onto what the backend supports (dropout is the point here, not TP or a2a)."""
-    return fit_to_backend(ex, backend)
+    return fit_to_backend(ctx, ex, backend)
 
 
 def _train_forward(ctx, backend, ex, **load):
@@ -251,7 +250,7 @@ def _check_pre(ctx, built, y_full, base_full, exact_full, p):
 @prop("LORA-FWD-6", needs={"dropout_position"}, strategy=dropout_examples)
 def dropout_acts_at_its_position_in_train_mode(ctx, backend, ex):
     """Train mode: 'post' drops elements of the update (0 or exact/(1-p)); 'pre' keeps it in span(B)."""
-    ex = _supported(ex, backend)
+    ex = _supported(ctx, ex, backend)
     p = ex["dropout"]
     built, X, G, y = _train_forward(ctx, backend, ex)
     base = expected(built, X, G, lora=False)["Y"]
@@ -266,7 +265,7 @@ def dropout_acts_at_its_position_in_train_mode(ctx, backend, ex):
 @prop("LORA-FWD-6", needs={"dropout_position"}, strategy=dropout_examples)
 def no_dropout_in_eval_mode(ctx, backend, ex):
     """After .eval() the output is base + (alpha/r) B A x exactly, for 'pre' and 'post' alike."""
-    ex = _supported(ex, backend)
+    ex = _supported(ctx, ex, backend)
     built = build(ctx, backend, ex)
     built.container.eval()
     X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
@@ -281,7 +280,7 @@ def no_dropout_in_eval_mode(ctx, backend, ex):
 @prop("LORA-FWD-6", needs={"dropout_position"}, strategy=dropout_examples)
 def base_path_never_sees_dropout(ctx, backend, ex):
     """With B = 0 the train-mode output is the base output: dropout never touches the base path."""
-    ex = _supported(ex, backend)
+    ex = _supported(ctx, ex, backend)
     built0, X, G, y = _train_forward(ctx, backend, ex, B=torch.zeros(ex["out"], ex["dim"], dtype=torch.float64))
     ctx.assert_close(y, local_piece(expected(built0, X, G, lora=False)["Y"], example_shard("output", ex), built0.groups),
                      built0.dtype, f"train-mode output with B = 0 and dropout={ex['dropout']} "

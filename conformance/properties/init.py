@@ -8,8 +8,9 @@ import torch
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
+from ..model_case import returned_model
 from ..configs import lora
-from ..layer_case import add_lora, build, build_base, layer_examples, run
+from ..layer_case import add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples, run
 from ..layout import example_shard, gather
 from ..registry import prop
 
@@ -68,8 +69,12 @@ def _check_methods(ctx, backend, kind: str, t: int, shift: int, seed: int) -> No
     # d large next to `in` (and d next to `out`), so fans of a shard would visibly change xavier and
     # kaiming: a column A shard is (d/t x in), a row A shard (d x in/t), a B shard (out/t x d).
     dim, in_features, out_features = 128, 64, 128
-    for i, method_A in enumerate(METHODS):
-        method_B = METHODS[(i + shift) % len(METHODS)]
+    methods_A = [m for m in METHODS if ctx.supports("init_methods", f"A:{m}")]
+    methods_B = [m for m in METHODS if ctx.supports("init_methods", f"B:{m}")]
+    # Every supported method of each factor, paired with a supported one of the other (shifted).
+    for i in range(max(len(methods_A), len(methods_B)) if methods_A and methods_B else 0):
+        method_A = methods_A[i % len(methods_A)]
+        method_B = methods_B[(i + shift) % len(methods_B)]
         ex = _layer(kind, t, seed + i, dim=dim, **{"in": in_features, "out": out_features})
         base = build_base(ctx, backend, ex)
         built = add_lora(ctx, backend, base, load_adapter=False, torch_seed=ex["seed"],
@@ -110,7 +115,7 @@ def same_seed_gives_the_same_full_adapter_at_every_tp(ctx, backend, drawn):
     at TP 1 (a known Megatron-Bridge deviation: it initializes each shard on its own)."""
     ex, method_A, method_B = drawn
     methods = {}
-    if "init_methods" in backend.capabilities:
+    if backend.supports("init_methods", f"A:{method_A}") and backend.supports("init_methods", f"B:{method_B}"):
         methods = dict(lora_A_init_method=method_A, lora_B_init_method=method_B)
     full = {}
     for t in (1, ex["tp"]):
@@ -145,12 +150,7 @@ def _zero_B_layer(ctx, backend, ex):
 def zero_B_leaves_the_layer_unchanged(ctx, backend, ex):
     """With the default lora_B_init_method "zero", the wrapped layer's output is the bare base
     layer's, bit for bit (column, row, nn.Linear; with SP when drawn)."""
-    if ex["kind"] != "linear" and "tp" not in backend.capabilities:
-        ex = dict(ex, kind="linear", tp=1, sp=False, a2a=False, gather_output=False, input_is_parallel=True,
-                  stride=1)
-    if ex["sp"] and "sp" not in backend.capabilities:
-        ex = dict(ex, sp=False)
-    _zero_B_layer(ctx, backend, dict(ex, a2a=ex["a2a"] and "a2a" in backend.capabilities))
+    _zero_B_layer(ctx, backend, fit_to_backend(ctx, ex, backend))
 
 
 @prop("LORA-INIT-3", needs={"models"}, weight=0.5,
@@ -159,8 +159,7 @@ def zero_B_leaves_the_layer_unchanged(ctx, backend, ex):
                                                   "b": st.integers(1, 2), "s_per_tp": st.integers(1, 3)}))
 def zero_B_leaves_tiny_gpt_unchanged(ctx, backend, ex):
     """TinyGPT's logits with default-initialized LoRA on every default target equal those without."""
-    t = ex["tp"] if "tp" in backend.capabilities else 1
-    sp = ex["sp"] and t > 1 and "sp" in backend.capabilities
+    t, sp = fit_layout(ctx, backend, ex)
     backend.init_parallel(t)
     spec = ModelSpec(kind="gpt", seed=ex["seed"], sequence_parallel=sp, gated_linear_unit=ex["gated"],
                      num_attention_heads=max(4, t))
@@ -170,7 +169,7 @@ def zero_B_leaves_tiny_gpt_unchanged(ctx, backend, ex):
     before = backend.model_forward(model, spec, {"input_ids": ids})
     config = backend.validate_config(lora(dim=8, alpha=16))
     torch.manual_seed(ex["seed"])
-    model = backend.apply_lora(model, config, training=True)
+    model = returned_model(model, backend.apply_lora(model, config, training=True))
     ctx.check(len(backend.lora_modules(model)) > 0, "LoRA with the default targets wrapped no TinyGPT module")
     after = backend.model_forward(model, spec, {"input_ids": ids})
     diff = (after.detach().double() - before.detach().double()).abs().max().item()
@@ -184,8 +183,7 @@ def adapter_weights_round_trip_through_spec_shards(ctx, backend, ex):
     """Full A, B written as SPEC shards into adapter_weights gather back to the same full tensors,
     exactly; where the adapter has load_full_weights / full_weights, they agree with the SPEC shards
     and reject wrong shapes with a ValueError naming A or B."""
-    if ex["kind"] != "linear" and "tp" not in backend.capabilities:
-        ex = dict(ex, kind="linear", tp=1, gather_output=False, input_is_parallel=True, stride=1)
+    ex = fit_to_backend(ctx, ex, backend)
     built = build(ctx, backend, ex)      # writes this rank's SPEC shards of built.A, built.B
     A, B = _full_adapter(ctx, backend, built)
     where = f"{ex['kind']} base, tp={ex['tp']}, stride={ex['stride']}"

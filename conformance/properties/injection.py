@@ -23,6 +23,7 @@ from torch import nn
 
 from ..backend import Container, LinearSpec, ModelSpec
 from ..configs import lora
+from ..layer_case import fit_layout
 from ..model_case import (
     DEFAULT_TARGETS,
     adapter_parameter_names,
@@ -54,10 +55,6 @@ def model_examples(draw, ctx, tp=None, targets=None):
             "seed": draw(st.integers(0, 2**16))}
 
 
-def _layout(backend, ex):
-    """(tp, sp) moved onto what the backend supports."""
-    tp = ex["tp"] if "tp" in backend.capabilities else 1
-    return tp, ex["sp"] and tp > 1 and "sp" in backend.capabilities
 
 
 def _config(ex, **fields):
@@ -75,13 +72,13 @@ def _check_modes(ctx, model, training: bool, what: str) -> None:
     ctx.check(not wrong, f"{what}: modules not in {'train' if training else 'eval'} mode: {wrong[:4]}")
 
 
-@prop("LORA-INJ-1", "LORA-BWD-3", needs={"models"}, strategy=model_examples)
+@prop("LORA-INJ-1", "LORA-BWD-3", needs={"models"}, judges=("freezing",), strategy=model_examples)
 def apply_trains_exactly_the_adapters(ctx, backend, ex):
     """training=True: only adapter parameters require grad, and the model is in train mode."""
-    tp, sp = _layout(backend, ex)
+    tp, sp = fit_layout(ctx, backend, ex)
     _, _, model = _build(ctx, backend, ex, tp, sp)
     model.eval()
-    apply_quietly(backend, model, _config(ex), training=True)
+    model, _ = apply_quietly(backend, model, _config(ex), training=True)
     adapters = adapter_parameter_names(backend, model)
     ctx.check(bool(adapters), f"target_modules={TARGET_SETS[ex['targets']]}: no module got an adapter")
     frozen_adapters = [label for p in model.parameters() if id(p) in adapters and not p.requires_grad
@@ -94,13 +91,13 @@ def apply_trains_exactly_the_adapters(ctx, backend, ex):
     _check_modes(ctx, model, True, "after apply_lora(training=True)")
 
 
-@prop("LORA-INJ-2", needs={"models"}, strategy=model_examples)
+@prop("LORA-INJ-2", needs={"models"}, judges=("freezing",), strategy=model_examples)
 def inference_freezes_everything(ctx, backend, ex):
     """training=False: no parameter (adapters included) requires grad, and the model is in eval mode."""
-    tp, sp = _layout(backend, ex)
+    tp, sp = fit_layout(ctx, backend, ex)
     _, _, model = _build(ctx, backend, ex, tp, sp)
     model.train()
-    apply_quietly(backend, model, _config(ex), training=False)
+    model, _ = apply_quietly(backend, model, _config(ex), training=False)
     ctx.check(bool(backend.lora_modules(model)), "training=False: no module got an adapter")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     ctx.check(not trainable, f"after apply_lora(training=False) these require grad: {trainable[:4]}")
@@ -111,27 +108,33 @@ def inference_freezes_everything(ctx, backend, ex):
 def applying_twice_changes_nothing(ctx, backend, ex):
     """A second apply_lora with the same config: same adapted modules, same trainable parameters, no
     wrapper wrapped again and no adapter inside an adapted module."""
-    tp, sp = _layout(backend, ex)
+    tp, sp = fit_layout(ctx, backend, ex)
     _, _, model = _build(ctx, backend, ex, tp, sp)
     config = _config(ex)
-    apply_quietly(backend, model, config, training=True)
+    model, _ = apply_quietly(backend, model, config, training=True)
     first = dict(backend.lora_modules(model))
-    weights = {name: tuple(id(w) for w in backend.adapter_weights(m)) for name, m in first.items()}
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    apply_quietly(backend, model, config, training=True)
-    second = backend.lora_modules(model)
+    weights = {name: tuple(w.detach().clone() for w in backend.adapter_weights(m)) for name, m in first.items()}
+    ids = {name: tuple(id(w) for w in backend.adapter_weights(m)) for name, m in first.items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    again, _ = apply_quietly(backend, model, config, training=True)
+    in_place = again is model              # a backend may return a new model: then values, not identities
+    second = backend.lora_modules(again)
     ctx.check(set(second) == set(first),
               f"the second apply changed the adapted modules: added {sorted(set(second) - set(first))[:4]}, "
               f"removed {sorted(set(first) - set(second))[:4]}")
-    replaced = [n for n in first if second.get(n) is not first[n]]
-    ctx.check(not replaced, f"the second apply replaced (re-wrapped) adapted modules: {replaced[:4]}")
+    if in_place:
+        replaced = [n for n in first if second.get(n) is not first[n]]
+        ctx.check(not replaced, f"the second apply replaced (re-wrapped) adapted modules: {replaced[:4]}")
+        changed = [n for n, m in second.items() if tuple(id(w) for w in backend.adapter_weights(m)) != ids[n]]
+        ctx.check(not changed, f"the second apply replaced the adapter weights of {changed[:4]}")
     nested = sorted(n for n in second if any(n.startswith(m + ".") for m in second))
     ctx.check(not nested, f"adapters inside adapted modules after the second apply: {nested[:4]}")
-    changed = [n for n, m in second.items() if tuple(id(w) for w in backend.adapter_weights(m)) != weights[n]]
-    ctx.check(not changed, f"the second apply replaced the adapter weights of {changed[:4]}")
-    now = {id(p) for p in model.parameters() if p.requires_grad}
-    ctx.check(now == trainable, f"the second apply changed the trainable set: {len(now - trainable)} added, "
-                                f"{len(trainable - now)} removed")
+    changed = [n for n, m in second.items()
+               if not all(torch.equal(w, v) for w, v in zip(backend.adapter_weights(m), weights[n]))]
+    ctx.check(not changed, f"the second apply changed the adapter weights of {changed[:4]}")
+    now = {n for n, p in again.named_parameters() if p.requires_grad}
+    ctx.check(now == trainable, f"the second apply changed the trainable set: added {sorted(now - trainable)[:4]}, "
+                                f"removed {sorted(trainable - now)[:4]}")
 
 
 INJ4_PATTERNS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "{parent}.*", "*.{name}", "mlp.*",
@@ -151,10 +154,12 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
     an unselected one is left as it is; a wrapper is left as it is on a second apply; a list of
     chunks is accepted, each chunk transformed."""
     kind = ex["kind"]
-    if kind != "linear" and "tp" not in backend.capabilities and "linear" in backend.capabilities:
+    if kind != "linear" and not backend.supports("tp") and backend.supports("linear"):
         kind = "linear"                      # the point is the transform, not the base kind
-    elif kind == "linear" and "linear" not in backend.capabilities:
+    elif kind == "linear" and not backend.supports("linear"):
         kind = "column"
+    if kind != ex["kind"]:
+        ctx.ran(kind=kind)
     groups = backend.init_parallel(1)
     full_name = f"{ex['parent']}.{ex['name']}"
     pattern = ex["pattern"].format(parent=ex["parent"], name=ex["name"])
@@ -168,12 +173,14 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
         chunk.add_module(ex["parent"], Container(ex["name"], base))
         chunks.append(chunk)
         bases.append(base)
-    model = chunks if ex["chunks"] > 1 else chunks[0]
+    given = chunks if ex["chunks"] > 1 else chunks[0]
     config = lora(target_modules=[pattern], dim=2, alpha=4)
-    apply_quietly(backend, model, config)
+    model, _ = apply_quietly(backend, given, config)
+    adapted = model if isinstance(model, list) else [model]
+    in_place = all(a is c for a, c in zip(adapted, chunks))     # else the backend returned new chunks
     where = f"target_modules=[{pattern!r}], module {full_name} ({kind})"
     wrappers = []
-    for chunk, base in zip(chunks, bases):
+    for chunk, base in zip(adapted, bases):
         layer = getattr(chunk, ex["parent"]).layer()
         names = set(backend.lora_modules(chunk))
         if selected:
@@ -181,11 +188,16 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
             ctx.check(layer is not base, f"{where}: the selected module was not replaced by a wrapper")
         else:
             ctx.check(not names, f"{where}: adapted {sorted(names)}, but the pattern does not select it")
-            ctx.check(layer is base, f"{where}: the unselected module was replaced")
+            ctx.check(layer is base or not in_place, f"{where}: the unselected module was replaced")
         wrappers.append(layer)
-    apply_quietly(backend, model, config)
-    for chunk, before in zip(chunks, wrappers):
-        ctx.check(getattr(chunk, ex["parent"]).layer() is before,
+    again, _ = apply_quietly(backend, model, config)
+    again = again if isinstance(again, list) else [again]
+    for chunk, first, before in zip(again, adapted, wrappers):
+        layer = getattr(chunk, ex["parent"]).layer()
+        names = set(backend.lora_modules(chunk))
+        ctx.check(names == ({full_name} if selected else set()),
+                  f"{where}: after a second apply the adapted modules are {sorted(names)}")
+        ctx.check(layer is before or chunk is not first,
                   f"{where}: a second apply replaced the {'wrapper' if selected else 'module'}")
 
 
@@ -194,12 +206,12 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
 SHARDED_IO_TARGETS = [i for i, targets in enumerate(TARGET_SETS) if "output_layer" not in targets]
 
 
-@prop("LORA-INJ-5", "LORA-FWD-2", needs={"relayout", "models", "tp"}, weight=0.5, min_world=2,
+@prop("LORA-INJ-5", "LORA-FWD-2", needs={"relayout", "models", "tp"}, judges=("apply_lora",), weight=0.5, min_world=2,
       strategy=lambda ctx: model_examples(ctx, tp=[t for t in ctx.tp_sizes if t > 1], targets=SHARDED_IO_TARGETS))
 def adapted_model_is_tp_invariant(ctx, backend, ex):
     """TinyGPT + LoRA with the same full weights at TP 1 and TP t (SP on or off): the same logits and
     the same gathered adapter gradients."""
-    tp, sp = _layout(backend, ex)
+    tp, sp = fit_layout(ctx, backend, ex)
     one = _forward_backward(ctx, backend, ex, 1, False)
     many = _forward_backward(ctx, backend, ex, tp, sp)
     where = f"TP {tp} (sp={sp}) vs TP 1"
@@ -215,7 +227,7 @@ def adapted_model_is_tp_invariant(ctx, backend, ex):
 
 def _forward_backward(ctx, backend, ex, tp, sp):
     groups, spec, model = _build(ctx, backend, ex, tp, sp)
-    apply_quietly(backend, model, _config(ex), training=True)
+    model, _ = apply_quietly(backend, model, _config(ex), training=True)
     plan_by_name = plans(backend, model, spec, groups, ex["dim"])
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
     ids = token_ids(ctx, spec, batch=2, seq=8, seed=ex["seed"] + 1)
@@ -240,13 +252,13 @@ def _snapshot(state: dict) -> dict:
 def _adapted_with_weights(ctx, backend, ex):
     """(spec, model, token ids, base logits, base state dict): TinyGPT's logits and state dict, then
     LoRA (training=True) with the suite's non-zero A and B loaded; the model in eval mode."""
-    tp, sp = _layout(backend, ex)
+    tp, sp = fit_layout(ctx, backend, ex)
     groups, spec, model = _build(ctx, backend, ex, tp, sp)
     ids = token_ids(ctx, spec, batch=2, seq=8, seed=ex["seed"] + 1)
     base_state = _snapshot(model.state_dict())
     with torch.no_grad():
         base_logits = backend.model_forward(model, spec, {"input_ids": ids})
-    apply_quietly(backend, model, _config(ex, dropout=ex["dropout"]), training=True)
+    model, _ = apply_quietly(backend, model, _config(ex, dropout=ex["dropout"]), training=True)
     load_model_adapters(ctx, backend, model, plans(backend, model, spec, groups, ex["dim"]), ex["seed"])
     model.eval()
     return spec, model, ids, base_logits, base_state
@@ -257,7 +269,7 @@ def _with_dropout(draw, ctx, rates=(0.0, 0.5)):
     return {**draw(model_examples(ctx)), "dropout": draw(st.sampled_from(rates))}
 
 
-@prop("LORA-INJ-6", needs={"models", "disable_adapters"}, weight=0.5, strategy=_with_dropout)
+@prop("LORA-INJ-6", needs={"models", "disable_adapters"}, judges=("set_adapters_enabled",), weight=0.5, strategy=_with_dropout)
 def disabled_adapters_give_the_base_logits(ctx, backend, ex):
     """Adapters off: TinyGPT's logits are the base model's exactly (in train mode too, dropout or not)
     and the adapters get no gradient; on again: the adapted logits, and the trainable set as before."""
@@ -286,7 +298,7 @@ def disabled_adapters_give_the_base_logits(ctx, backend, ex):
     ctx.check(now == trainable, f"off and on again changed the trainable set: {sorted(now ^ trainable)[:4]}")
 
 
-@prop("LORA-INJ-7", needs={"models"}, strategy=lambda ctx: _with_dropout(ctx, rates=(0.0,)))
+@prop("LORA-INJ-7", needs={"models"}, judges=("apply_lora",), strategy=lambda ctx: _with_dropout(ctx, rates=(0.0,)))
 def base_state_dict_keys_survive_apply_lora(ctx, backend, ex):
     """Every key of the unwrapped TinyGPT's state dict is in the adapted model's, with an equal tensor."""
     _, model, _, _, base_state = _adapted_with_weights(ctx, backend, ex)
@@ -298,7 +310,7 @@ def base_state_dict_keys_survive_apply_lora(ctx, backend, ex):
     ctx.check(not changed, f"base tensors changed by apply_lora: {changed[:4]}")
 
 
-@prop("LORA-INJ-7", needs={"models"}, weight=0.5, strategy=lambda ctx: _with_dropout(ctx, rates=(0.0,)))
+@prop("LORA-INJ-7", needs={"models"}, judges=("apply_lora",), weight=0.5, strategy=lambda ctx: _with_dropout(ctx, rates=(0.0,)))
 def base_checkpoint_loads_into_the_adapted_model(ctx, backend, ex):
     """The base state dict of another seed's TinyGPT loads strictly into the adapted model: the base
     weights are then that model's, the adapters keep their values; a checkpoint lacking one adapter

@@ -56,7 +56,7 @@ def _lora(targets, excludes=()):
 
 
 def _selected(ctx, backend, model, targets, excludes=()):
-    apply_quietly(backend, model, _lora(targets, excludes))
+    model, _ = apply_quietly(backend, model, _lora(targets, excludes))
     return set(backend.lora_modules(model))
 
 
@@ -162,7 +162,7 @@ def unmatched_targets_warn(ctx, backend, ex):
     candidates = linear_candidates(model)
     targets = ex["matched"] + [_fill(p, 0, ex["num_layers"]) for p in ex["unmatched"]]
     unmatched = unmatched_targets(candidates, targets)
-    records = apply_quietly(backend, model, _lora(targets))
+    model, records = apply_quietly(backend, model, _lora(targets))
     mentions = [str(r.message) for r in records if issubclass(r.category, UserWarning)
                 and any(p in str(r.message) for p in targets)]
     if not unmatched:

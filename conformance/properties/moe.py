@@ -90,7 +90,7 @@ def expert_linears_are_found_by_name(ctx, backend, ex):
     dim = ex["topk"] * ex["tp"] * ex["etp"] * ex["dim_factor"]     # dim // topk needs no rounding
     groups, spec, model = build_moe(ctx, backend, ex)
     candidates = linear_candidates(model)
-    apply_quietly(backend, model, moe_lora(ALL_TARGETS, dim, ex["alpha"], normalize_moe_lora=True,
+    model, _ = apply_quietly(backend, model, moe_lora(ALL_TARGETS, dim, ex["alpha"], normalize_moe_lora=True,
                                         share_expert_adapters=ex["share"]))
     modules = backend.lora_modules(model)
     want = expected_selection(candidates, ALL_TARGETS)
@@ -129,7 +129,7 @@ def adapter_ranks_and_shards(ctx, backend, ex):
     to expert TP for fc1) on expert linears with normalize_moe_lora, dim elsewhere; per-expert grouped
     adapters stacked (E_local, ...); shared grouped and sequential adapters 2-D."""
     groups, spec, model = build_moe(ctx, backend, ex)
-    apply_quietly(backend, model, moe_lora(ALL_TARGETS, ex["dim"], ex["alpha"], normalize_moe_lora=ex["normalize"],
+    model, _ = apply_quietly(backend, model, moe_lora(ALL_TARGETS, ex["dim"], ex["alpha"], normalize_moe_lora=ex["normalize"],
                                         share_expert_adapters=ex["share"]))
     plan_by_name = plans(backend, model, spec, groups, ex["dim"], normalize=ex["normalize"], share=ex["share"])
     ctx.check(any(is_expert_linear(n) for n in plan_by_name),
@@ -146,7 +146,7 @@ def rank_not_divisible_by_topk_raises(ctx, backend, drawn):
     dim = ex["topk"] * ex["dim_factor"] + remainder
     _, _, model = build_moe(ctx, backend, dict(ex, shared_experts=False))
     try:
-        apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], normalize_moe_lora=True,
+        model, _ = apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], normalize_moe_lora=True,
                                             share_expert_adapters=ex["share"]))
     except ValueError as error:
         ctx.check("linear_fc" in str(error), f"the ValueError does not name the expert module: {error}")
@@ -178,7 +178,7 @@ def shared_expert_adapters_stay_identical_across_ep(ctx, backend, ex):
     config = moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], share_expert_adapters=True)
     with torch.random.fork_rng(devices=[]):      # leave the caller's generator as it was
         torch.manual_seed(1000 + ctx.rank)       # a different generator state on every rank
-        apply_quietly(backend, model, config)
+        model, _ = apply_quietly(backend, model, config)
     modules = backend.lora_modules(model)
     shared = [n for n in modules if is_expert_linear(n) and "local_experts" not in n]
     ctx.check(bool(shared), f"no grouped expert module got an adapter ({describe_layout(ex)})")
@@ -218,7 +218,7 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
     silent = pick % E
     dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
     groups, spec, model = build_moe(ctx, backend, ex)
-    apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2", "router"], dim, ex["alpha"],
+    model, _ = apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2", "router"], dim, ex["alpha"],
                                         share_expert_adapters=False))
     plan_by_name = plans(backend, model, spec, groups, dim, share=False)
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
@@ -288,7 +288,7 @@ def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
     layouts = (((1, 1, 1), baseline_grouped), ((ex["tp"], ex["ep"], ex["etp"]), ex["grouped"] or ex["share"]))
     for layout, grouped in layouts:
         groups, spec, model = build_moe(ctx, backend, ex, layout, grouped=grouped)
-        apply_quietly(backend, model, moe_lora(targets, dim, ex["alpha"], **config))
+        model, _ = apply_quietly(backend, model, moe_lora(targets, dim, ex["alpha"], **config))
         plan_by_name = plans(backend, model, spec, groups, dim, normalize=normalize, share=ex["share"])
         load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
         outputs.append(forward_logits(ctx, backend, spec, model, ex["seed"] + 1).detach().double())
@@ -304,7 +304,7 @@ def router_adapter_adds_to_the_logits(ctx, backend, drawn):
     gradient, partial per TP rank, is the TP group's sum after finalize_grads."""
     ex, dim = drawn
     groups, spec, model = build_moe(ctx, backend, dict(ex, shared_experts=False))
-    apply_quietly(backend, model, moe_lora(["router"], dim, ex["alpha"]))
+    model, _ = apply_quietly(backend, model, moe_lora(["router"], dim, ex["alpha"]))
     plan_by_name = plans(backend, model, spec, groups, dim)
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
     name, router = _router(ctx, backend, model)
@@ -373,7 +373,7 @@ def shared_outer_loras_match_dense_math(ctx, backend, drawn):
     ex = dict(ex, grouped=True, shared_experts=False)
     dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
     groups, spec, model = build_moe(ctx, backend, ex, gated=gated)
-    apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"],
+    model, _ = apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"],
                                            experts_shared_outer_loras=True, share_expert_adapters=ex["share"]))
     plan_by_name = plans(backend, model, spec, groups, dim, outer=True)
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])          # SPEC's shard shapes first

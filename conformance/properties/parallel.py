@@ -97,8 +97,9 @@ def sequence_parallel_base_matches_full_math(ctx, backend, ex):
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,), a2a=(False,)))
 def full_weights_are_stored_as_spec_shards(ctx, backend, ex):
     """make_linear(full W, b) keeps this rank's SPEC shard, bare and inside a LoRA wrapper."""
-    if ex["kind"] == "linear" and "linear" not in backend.capabilities:
+    if ex["kind"] == "linear" and not backend.supports("linear"):
         ex = dict(ex, kind="column")
+        ctx.ran(kind="column")
     base = build_base(ctx, backend, ex)
     what = f"{ex['kind']} base ({_where(ex)})"
     want_W = local_piece(base.W, example_shard("weight", ex), base.groups)
@@ -120,11 +121,11 @@ def _ranks(group) -> list[int]:
     return dist.get_process_group_ranks(dist.group.WORLD if group is None else group)
 
 
-@prop("TP-GROUP-1", strategy=lambda ctx: st.sampled_from(_layouts(ctx.world_size)))
+@prop("TP-GROUP-1", judges=("init_parallel",), strategy=lambda ctx: st.sampled_from(_layouts(ctx.world_size)))
 def groups_have_the_spec_layout(ctx, backend, ex):
     """TP groups are blocks of t consecutive ranks; expert-TP varies fastest, then EP; groups are reused."""
     rank, tp = ctx.rank, ex["tp"]
-    moe = "moe" in backend.capabilities and (ex["ep"] > 1 or ex["etp"] != tp)
+    moe = backend.supports("moe") and (ex["ep"] > 1 or ex["etp"] != tp)
     groups = backend.init_parallel(tp, ex["ep"], ex["etp"]) if moe else backend.init_parallel(tp)
     block = list(range(rank // tp * tp, rank // tp * tp + tp))
     ctx.check(_ranks(groups.tp_group) == block, f"tp={tp}: the TP group holds ranks {_ranks(groups.tp_group)}, "
@@ -150,7 +151,7 @@ def groups_have_the_spec_layout(ctx, backend, ex):
               f"tp={tp}: a second init_parallel with the same sizes made a new TP group (groups must be reused)")
 
 
-@prop("TP-GROUP-1", "TP-ERR-1", needs={"tp"},
+@prop("TP-GROUP-1", "TP-ERR-1", needs={"tp"}, judges=("init_parallel",),
       strategy=lambda ctx: st.sampled_from([t for t in range(2, 4 * ctx.world_size + 2) if ctx.world_size % t][:4]))
 def bad_parallel_sizes_raise(ctx, backend, tp):
     """init_parallel with a TP size that does not divide the world raises ValueError naming it."""
@@ -211,11 +212,13 @@ def _input_ids(ctx, ex: dict, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (ex["b"], ex["s"]), generator=generator).to(ctx.device)
 
 
-@prop("TP-MODEL-1", needs={"relayout", "models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
+@prop("TP-MODEL-1", needs={"relayout", "models", "tp"}, min_world=2, judges=("make_model",), weight=0.5, strategy=_model_examples)
 def tiny_gpt_logits_are_the_same_at_every_tp(ctx, backend, ex):
     """The same seed gives the same TinyGPT logits at TP 1 and TP t (with or without SP, gated or
     not); building it leaves the caller's generator untouched."""
-    sp = ex["sp"] and "sp" in backend.capabilities
+    sp = ex["sp"] and backend.supports("sp")
+    if sp != ex["sp"]:
+        ctx.ran(sp=sp)
     logits = {}
     for t, use_sp in ((1, False), (ex["tp"], sp)):
         backend.init_parallel(t)
@@ -232,7 +235,7 @@ def tiny_gpt_logits_are_the_same_at_every_tp(ctx, backend, ex):
                      f"TinyGPT logits at tp={ex['tp']} (sp={sp}, gated={ex['gated']}) vs tp=1", scale=10)
 
 
-@prop("TP-INIT-1", needs={"relayout", "models", "tp"}, min_world=2, weight=0.5, strategy=_model_examples)
+@prop("TP-INIT-1", needs={"relayout", "models", "tp"}, min_world=2, judges=("make_model",), weight=0.5, strategy=_model_examples)
 def tiny_gpt_full_weights_are_the_same_at_every_tp(ctx, backend, ex):
     """One seed gives one full weight at every t: the gathered parameters of TinyGPT at TP t equal
     those at TP 1 (gathered as SPEC shards the module by its name: conformance/model_case.base_shard;

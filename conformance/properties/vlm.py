@@ -35,7 +35,9 @@ def _config(ex):
 
 
 def _models(ctx, backend, ex):
-    tp = ex["tp"] if "tp" in backend.capabilities else 1
+    tp = ex["tp"] if backend.supports("tp") else 1
+    if tp != ex["tp"]:
+        ctx.ran(tp=tp)
     backend.init_parallel(tp)
     heads = max(4, ctx.world_size)
     models = []
@@ -94,7 +96,7 @@ def _check_adapters(ctx, backend, chunk, ex, what=""):
 def vlm_freezes_exactly_the_flagged_parts(ctx, backend, ex):
     """training=True: base parameters are frozen exactly in the flagged parts; the model trains."""
     (model,) = _models(ctx, backend, ex)
-    apply_quietly(backend, model, _config(ex), training=True)
+    model, _ = apply_quietly(backend, model, _config(ex), training=True)
     _check_base(ctx, backend, model, ex)
 
 
@@ -102,7 +104,7 @@ def vlm_freezes_exactly_the_flagged_parts(ctx, backend, ex):
 def vlm_adapters_stay_trainable(ctx, backend, ex):
     """Adapters inside frozen parts are trainable; training=False freezes everything (eval mode)."""
     (model,) = _models(ctx, backend, ex)
-    apply_quietly(backend, model, _config(ex), training=ex["training"])
+    model, _ = apply_quietly(backend, model, _config(ex), training=ex["training"])
     _check_adapters(ctx, backend, model, ex)
     if not ex["training"]:
         _check_base(ctx, backend, model, ex)
@@ -113,7 +115,7 @@ def vlm_adapters_stay_trainable(ctx, backend, ex):
 def vlm_chunks_are_frozen_alike(ctx, backend, ex):
     """A list of chunks (two VLMs): each chunk is frozen and adapted the same way."""
     models = _models(ctx, backend, ex)
-    apply_quietly(backend, models, _config(ex), training=ex["training"])
+    models, _ = apply_quietly(backend, models, _config(ex), training=ex["training"])
     for index, chunk in enumerate(models):
         _check_base(ctx, backend, chunk, ex, f"chunk {index}: ")
         _check_adapters(ctx, backend, chunk, ex, f"chunk {index}: ")
