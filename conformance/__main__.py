@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     properties = load_all()
     if args.list:
         for p in properties:
-            print(f"{p.id:<55} [{', '.join(p.clauses)}]  needs: {', '.join(sorted(p.needs)) or '-'}")
+            print(f"{p.id:<55} [{', '.join(p.clauses)}]  needs: {', '.join(sorted(p.needs)) or '-'}"
+                  f"  judges: {', '.join(p.judges)}")
         return 0
     try:
         deviation_list = declared.load(args.deviations) if args.deviations else []

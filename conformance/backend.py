@@ -201,6 +201,8 @@ class Backend:
     # Judged method or aspect -> where this backend's code for it comes from, when not its library
     # (see "What a verdict means" above). Properties judging it are then "not applicable".
     borrowed: dict[str, str] = {}
+    # True only for the reference's own backends: their parts come from `reference` by definition.
+    is_reference = False
 
     def supports(self, capability: str, value: str | None = None) -> bool:
         """Whether the backend has `capability` (and, given a value, that value of it)."""

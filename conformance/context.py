@@ -17,6 +17,11 @@ from .agreement import all_gather_json
 from .layout import TOLERANCES
 
 
+class NotOwnCode(Exception):
+    """Raised by a property (on every rank alike) that finds, while running, that the behaviour it
+    judges came from the reference or the suite, not the backend: the property is then n/a."""
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

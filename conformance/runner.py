@@ -27,6 +27,7 @@ from hypothesis.internal.conjecture import engine as _hypothesis_engine
 from reference.parallel import destroy_model_parallel
 
 from .agreement import all_gather_json
+from .context import NotOwnCode
 from .registry import Property
 
 # Shrinking must stop at the same point on every rank: by count (MAX_SHRINKS), never by wall clock.
@@ -70,12 +71,17 @@ def spmd_call(ctx, fn) -> None:
     failure = None
     try:
         fn()
+    except NotOwnCode as error:
+        failure = {"not_own": str(error)}
     except Exception as error:   # noqa: BLE001 - the backend may raise anything; it is a verdict
         summary = "".join(traceback.format_exception_only(type(error), error)).strip()
         failure = {"summary": summary[:4000], "timeout": _is_timeout(error),
                    "where": _innermost_frame(error)}
     outcomes = all_gather_json(failure, ctx.control_group)
-    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
+    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None and "not_own" not in f]
+    not_own = [f["not_own"] for f in outcomes if f is not None and "not_own" in f]
+    if not failed and not_own:
+        raise NotOwnCode(not_own[0])
     if not failed:
         return
     # Ranks that failed the same way are listed together.
@@ -175,6 +181,9 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
         ctx.ran_changes = {}
         try:
             spmd_call(ctx, lambda: prop.fn(ctx, backend, example))
+        except NotOwnCode as error:
+            state["not_own"] = state.get("not_own") or str(error)
+            return
         except AssertionError as error:
             ran = as_ran(example, ctx.ran_changes)
             if inside:
@@ -229,6 +238,9 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
         message = failures[0]["message"]
     if scoped is not None:
         status, message, example = _scoped_verdict(scoped, status, message, example, state)
+    if status == PASS and state.get("not_own"):
+        return Outcome(prop, NA, state["examples"], time.monotonic() - start,
+                       reason=f"not the backend's own code: {state['not_own']}")
     return Outcome(prop, status, state["examples"], time.monotonic() - start, message, example,
                    reproduce=reproduce_command(options, prop, example)
                    if status == FAIL or (status in (XFAIL, XPASS) and example is not None) else "",

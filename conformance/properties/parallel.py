@@ -6,8 +6,10 @@ import torch
 import torch.distributed as dist
 from hypothesis import strategies as st
 
+from reference.parallel import made_here
+
 from ..backend import ModelSpec
-from ..context import check_group_in_step, divisors, raises_everywhere
+from ..context import NotOwnCode, check_group_in_step, divisors, raises_everywhere
 from ..layer_case import build, build_base, layer_examples, local_piece, plain_example, run
 from ..layout import WHOLE, example_shard, gather
 from ..model_case import base_shard
@@ -121,12 +123,20 @@ def _ranks(group) -> list[int]:
     return dist.get_process_group_ranks(dist.group.WORLD if group is None else group)
 
 
+def _own_groups(backend, groups) -> None:
+    """The groups judged must be the backend's: the reference's own groups, handed out by another
+    backend's init_parallel, make TP-GROUP properties n/a (the same answer on every rank)."""
+    if not backend.is_reference and made_here(groups.tp_group):
+        raise NotOwnCode("init_parallel: its groups are reference.parallel's")
+
+
 @prop("TP-GROUP-1", judges=("init_parallel",), strategy=lambda ctx: st.sampled_from(_layouts(ctx.world_size)))
 def groups_have_the_spec_layout(ctx, backend, ex):
     """TP groups are blocks of t consecutive ranks; expert-TP varies fastest, then EP; groups are reused."""
     rank, tp = ctx.rank, ex["tp"]
     moe = backend.supports("moe") and (ex["ep"] > 1 or ex["etp"] != tp)
     groups = backend.init_parallel(tp, ex["ep"], ex["etp"]) if moe else backend.init_parallel(tp)
+    _own_groups(backend, groups)
     block = list(range(rank // tp * tp, rank // tp * tp + tp))
     ctx.check(_ranks(groups.tp_group) == block, f"tp={tp}: the TP group holds ranks {_ranks(groups.tp_group)}, "
                                                 f"expected {block} (blocks of tp consecutive ranks)")
@@ -155,6 +165,7 @@ def groups_have_the_spec_layout(ctx, backend, ex):
       strategy=lambda ctx: st.sampled_from([t for t in range(2, 4 * ctx.world_size + 2) if ctx.world_size % t][:4]))
 def bad_parallel_sizes_raise(ctx, backend, tp):
     """init_parallel with a TP size that does not divide the world raises ValueError naming it."""
+    _own_groups(backend, backend.init_parallel(1))
     raises_everywhere(ctx, lambda: backend.init_parallel(tp), (ValueError,),
                       f"init_parallel(tp={tp}) in a world of {ctx.world_size}",
                       mentions=("tensor_model_parallel_size", "tensor parallel", "tp"))

@@ -19,12 +19,13 @@ from .state import (
     get_parallel_state,
     init_distributed,
     initialize_model_parallel,
+    made_here,
     resolve_tp_group,
 )
 
 __all__ = [
     "ParallelState", "default_device", "init_distributed", "initialize_model_parallel", "get_parallel_state",
-    "destroy_model_parallel", "resolve_tp_group", "shard", "unshard", "gather_shards", "check_divisible",
+    "destroy_model_parallel", "made_here", "resolve_tp_group", "shard", "unshard", "gather_shards", "check_divisible",
     "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region",
     "scatter_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
     "gather_from_sequence_parallel_region", "scatter_to_sequence_parallel_region",

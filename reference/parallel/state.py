@@ -89,6 +89,13 @@ def _group(ranks: list[int]) -> dist.ProcessGroup:
     return _GROUP_CACHE[key]
 
 
+def made_here(group) -> bool:
+    """Whether `group` is one of the process groups this module created (initialize_model_parallel).
+
+    The conformance suite asks this to tell a backend's own process groups from borrowed ones."""
+    return any(group is g for g in _GROUP_CACHE.values())
+
+
 def _my_group(all_groups: list[list[int]], rank: int) -> tuple[dist.ProcessGroup, list[int]]:
     """Create every group of a partition (all ranks must) and return the one holding `rank`."""
     mine = None

@@ -56,6 +56,7 @@ class MergeOnEvalBackend(ReferenceBackend):
     weights before it switches to eval (conformance/backend.py, "Lifecycle")."""
 
     name = "outside:merge-on-eval"
+    is_reference = False                                 # an outside library
     capabilities = TP1
 
     def init_parallel(self, tp, ep=1, etp=None):
@@ -106,6 +107,7 @@ class DefaultsBackend(ReferenceBackend):
     and the matching declared borrowed: those properties must be n/a, not passed."""
 
     name = "outside:defaults"
+    is_reference = False                                 # an outside library
     capabilities = {"linear": True, "models": True}
     borrowed = {"matching": "reference.lora.matching (the library has none)"}
     validate_config = Backend.validate_config
@@ -120,6 +122,7 @@ class PreDropoutOnlyBackend(ReferenceBackend):
     is fine because it declares {"pre"}; the suite must check "pre" and never draw "post"."""
 
     name = "outside:pre-dropout-only"
+    is_reference = False                                 # an outside library
     capabilities = {"linear": True, "dropout_position": {"pre"}}
 
     def init_parallel(self, tp, ep=1, etp=None):

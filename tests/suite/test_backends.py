@@ -43,13 +43,42 @@ def test_peft_backend_conforms_except_its_declared_deviations(tmp_path):
 
 @pytest.mark.peft
 def test_peft_without_its_deviations_fails_on_the_declared_clauses(tmp_path):
-    """[LORA-MATCH-3] [LORA-FWD-6] without the file, PEFT's differences are failures on those clauses."""
+    """[LORA-MATCH-3] [LORA-CFG-1] without the file, PEFT's differences are failures on those clauses;
+    its dropout ("pre" only, declared as a capability value) passes."""
     pytest.importorskip("peft")
-    done, report = _run(["--backend", "conformance.backends.peft:PeftBackend", "-k", "matching or dropout",
+    done, report = _run(["--backend", "conformance.backends.peft:PeftBackend", "-k", "matching or config or dropout",
                          "--profile", "quick"], tmp_path)
     assert done.returncode == 1
     assert report["clauses"]["LORA-MATCH-3"]["status"] == "failed"
-    assert report["clauses"]["LORA-FWD-6"]["status"] == "failed"
+    assert report["clauses"]["LORA-CFG-1"]["status"] == "failed"
+    assert report["clauses"]["LORA-FWD-6"]["status"] == "passed"
+
+
+@pytest.mark.loralib
+def test_loralib_backend_conforms_except_its_declared_deviations(tmp_path):
+    """[LORA-FWD-1] [LORA-MERGE-3] loralib (README's example backend): every applicable property passes
+    or is a declared deviation (strict); matching and injection are borrowed, so n/a, never passed."""
+    pytest.importorskip("loralib")
+    done, report = _run(["--backend", "conformance.backends.loralib:LoralibBackend", "--deviations", "loralib",
+                         "--strict-deviations"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    statuses = {p["id"]: p["status"] for p in report["properties"]}
+    assert "failed" not in statuses.values() and "xpassed" not in statuses.values()
+    assert statuses["merge.merged_tiny_gpt_gives_the_same_logits"] == "passed"      # merges on eval()
+    assert statuses["forward.dropout_acts_at_its_position_in_train_mode"] == "passed"  # "pre" only
+    assert statuses["injection.base_state_dict_keys_survive_apply_lora"] == "xfailed"
+    not_own = {pid for pid, p in ((p["id"], p) for p in report["properties"]) if "own code" in p["reason"]}
+    assert {pid.split(".")[0] for pid in not_own} >= {"matching", "config"}, not_own
+    assert report["warnings"] == []
+
+
+def test_readme_backend_example_is_the_loralib_backend():
+    """README's "Writing a backend" example is conformance/backends/loralib.py byte for byte (the file
+    test_loralib_backend_conforms_except_its_declared_deviations runs)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Writing a backend"):]
+    example = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n") + 1]
+    assert example == (ROOT / "conformance" / "backends" / "loralib.py").read_text(encoding="utf-8")
 
 
 def test_separate_communication_is_correct_but_costs_more(tmp_path):
@@ -120,12 +149,15 @@ def test_every_megatron_bridge_deviation_was_measured():
 @pytest.mark.parametrize("args", [
     ["clauses", "reference (gloo, CPU)=docs/reports/reference_gloo_world2.json",
      "reference (NCCL, 2 × H200)=docs/reports/reference_nccl_world2.json", "HF PEFT (CPU)=docs/reports/peft.json",
+     "loralib (CPU)=docs/reports/loralib.json",
      "Megatron-Bridge (NCCL, 2 × H200)=docs/reports/megatron_bridge_world2.json",
      "Megatron-Bridge (NCCL, 1 × H200)=docs/reports/megatron_bridge_world1.json"],
     ["deviations", "docs/reports/megatron_bridge_world2.json", "conformance/deviations/megatron_bridge.txt"],
     ["deviations", "docs/reports/megatron_bridge_world1.json", "conformance/deviations/megatron_bridge.txt"],
     ["deviations", "docs/reports/peft.json", "conformance/deviations/peft.txt"],
-], ids=["clauses", "megatron-bridge deviations", "megatron-bridge world-1 deviations", "peft deviations"])
+    ["deviations", "docs/reports/loralib.json", "conformance/deviations/loralib.txt"],
+], ids=["clauses", "megatron-bridge deviations", "megatron-bridge world-1 deviations", "peft deviations",
+        "loralib deviations"])
 def test_docs_backends_tables_are_generated_from_the_reports(args):
     """docs/backends.md carries the tables tools/backend_table.py makes from the reports (and today's
     deviation files)."""

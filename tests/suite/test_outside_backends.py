@@ -61,6 +61,15 @@ def test_inherited_and_borrowed_parts_are_not_applicable():
     assert "Passed on the backend's own code: 1;" in run.output, run.output[-2000:]
 
 
+def test_groups_borrowed_from_the_reference_are_not_applicable():
+    """[TP-GROUP-1] an init_parallel of the backend's own that hands out reference.parallel's groups
+    (what a TP = 1 author writes first) is found while running: n/a, not passed."""
+    run = conformance("-k", "TP-GROUP", backend=f"{OUTSIDE}:PreDropoutOnlyBackend", world=1)
+    assert run.rc == 0, run.explain()
+    prop = run.props()["parallel.groups_have_the_spec_layout"]
+    assert prop["status"] == "not applicable" and "reference.parallel's" in prop["reason"], prop
+
+
 def test_partial_dropout_support_is_checked_in_full():
     """[LORA-FWD-6] dropout_position {"pre"}: a broken "post" is never drawn (passes), a broken "pre"
     fails, and its minimal example is what ran: a plain nn.Linear base at TP 1 with "pre"."""
