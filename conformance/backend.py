@@ -81,6 +81,7 @@ CAPABILITIES = {
     "lora_dtype": "lora_dtype",
     "merge": "the tensor merge helper (merge_weight)",
     "merge_model": "whole-model merge (merge_model)",
+    "unmerge": "merging in place and taking the update out again (merge_in_place, unmerge_model)",
     "models": "tiny Megatron-named models (make_model 'gpt') for matching and injection",
     "moe": "mixture-of-experts models (make_model 'moe'), expert parallelism, expert LoRA",
     "vlm": "vision-language models (make_model 'vlm') and VLMLoRA freezing",
@@ -274,6 +275,18 @@ class Backend:
         raise NotImplementedError
 
     def merge_model(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight and return the model without adapters."""
+        raise NotImplementedError
+
+    def merge_in_place(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight, keeping the adapted modules (they stop adding the
+        update), so that unmerge_model can undo it; merging a merged model changes nothing. Returns
+        the model. Capability "unmerge"."""
+        raise NotImplementedError
+
+    def unmerge_model(self, model: nn.Module) -> nn.Module:
+        """Take every merged update out of its base weight again (up to rounding); a model that is not
+        merged is left as it is. Returns the model. Capability "unmerge"."""
         raise NotImplementedError
 
     def base_weight(self, wrapped: nn.Module) -> torch.Tensor:

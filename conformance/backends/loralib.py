@@ -33,7 +33,7 @@ def _loralib():
 
 class LoralibBackend(Backend):
     name = "loralib"
-    capabilities = {"linear": True, "models": True, "merge_model": True,
+    capabilities = {"linear": True, "models": True, "merge_model": True, "unmerge": True,
                     "dropout_position": {"pre"},                  # lora_dropout acts on the input
                     "init_methods": {"A:kaiming", "B:zero"}}      # reset_parameters: kaiming-uniform A, zero B
     borrowed = {"matching": "reference.lora.matching.match (loralib has no name matching)",
@@ -84,6 +84,17 @@ class LoralibBackend(Backend):
 
     def base_weight(self, wrapped):
         return wrapped.weight
+
+    def merge_in_place(self, model):
+        """loralib merges a layer when it is switched to eval mode, and unmerges it in train mode."""
+        for module in self.lora_modules(model).values():
+            module.train(False)
+        return model
+
+    def unmerge_model(self, model):
+        for module in self.lora_modules(model).values():
+            module.train(True)
+        return model
 
     def merge_model(self, model):
         """loralib merges on eval() (merge_weights=True); the merged layers then become nn.Linear."""

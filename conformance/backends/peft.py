@@ -37,7 +37,7 @@ def _peft():
 
 class PeftBackend(Backend):
     name = "peft"
-    capabilities = {"linear": True, "merge_model": True, "models": True, "disable_adapters": True,
+    capabilities = {"linear": True, "merge_model": True, "unmerge": True, "models": True, "disable_adapters": True,
                     "dropout_position": {"pre"},                # lora_dropout acts on the adapter input
                     "init_methods": {"A:kaiming", "B:zero"}}    # init_lora_weights=True (no xavier / N(0, 0.2^2))
 
@@ -91,6 +91,17 @@ class PeftBackend(Backend):
         adapters' requires_grad: off while disabled, on again for the active adapter)."""
         for module in self.lora_modules(model).values():
             module.enable_adapters(enabled)
+
+    def merge_in_place(self, model):
+        """PEFT's own merge of each LoRA layer (the layer stays, merged)."""
+        for module in self.lora_modules(model).values():
+            module.merge(adapter_names=[ADAPTER])
+        return model
+
+    def unmerge_model(self, model):
+        for module in self.lora_modules(model).values():
+            module.unmerge()
+        return model
 
     def merge_model(self, model):
         peft = _peft()

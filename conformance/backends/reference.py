@@ -16,7 +16,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     is_reference = True
     capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
-                              "merge", "merge_model", "models", "moe", "vlm", "config_validation", "relayout",
+                              "merge", "merge_model", "unmerge", "models", "moe", "vlm", "config_validation", "relayout",
                               "disable_adapters", "sp_input_regather", "shared_outer_loras"})
 
     def describe(self) -> str:
@@ -78,6 +78,12 @@ class ReferenceBackend(Backend):
 
     def merge_model(self, model):
         return reference.merge_lora(model)
+
+    def merge_in_place(self, model):
+        return reference.merge_lora(model, keep_wrappers=True)
+
+    def unmerge_model(self, model):
+        return reference.unmerge_lora(model)
 
     def set_adapters_enabled(self, model, enabled):
         reference.set_adapters_enabled(model, enabled)

@@ -104,17 +104,44 @@ def inference_freezes_everything(ctx, backend, ex):
     _check_modes(ctx, model, False, "after apply_lora(training=False)")
 
 
-@prop("LORA-INJ-3", needs={"models"}, strategy=model_examples)
+# Re-application configs ([LORA-INJ-3]): bare names (TARGET_SETS), wildcards, and exclude mode.
+REAPPLY = {"wildcard": [["*.mlp.*"], ["*.layers.0.*"], ["*linear_*"], ["*"]],
+           "exclude": [["linear_proj"], ["*.mlp.*"], ["output_layer", "*.layers.0.*"]]}
+
+
+@st.composite
+def _reapply_examples(draw, ctx):
+    ex = draw(model_examples(ctx))
+    ex["mode"] = draw(st.sampled_from(["names", "wildcard", "exclude"]))
+    ex["patterns"] = draw(st.integers(0, len(REAPPLY[ex["mode"]]) - 1)) if ex["mode"] != "names" else 0
+    return ex
+
+
+def _reapply_config(ex):
+    if ex["mode"] == "names":
+        return _config(ex)
+    patterns = list(REAPPLY[ex["mode"]][ex["patterns"]])
+    if ex["mode"] == "wildcard":
+        return lora(target_modules=patterns, dim=ex["dim"], alpha=ex["alpha"])
+    return lora(target_modules=[], exclude_modules=patterns, dim=ex["dim"], alpha=ex["alpha"])
+
+
+@prop("LORA-INJ-3", needs={"models"}, strategy=_reapply_examples)
 def applying_twice_changes_nothing(ctx, backend, ex):
-    """A second apply_lora with the same config: same adapted modules, same trainable parameters, no
-    wrapper wrapped again and no adapter inside an adapted module."""
+    """A second apply_lora with the same config (bare names, wildcards or exclude mode): the same
+    adapted modules, trainable parameters, adapter values and logits; no wrapper wrapped again and no
+    adapter inside an adapted module."""
     tp, sp = fit_layout(ctx, backend, ex)
-    _, _, model = _build(ctx, backend, ex, tp, sp)
-    config = _config(ex)
+    groups, spec, model = _build(ctx, backend, ex, tp, sp)
+    config = _reapply_config(ex)
     model, _ = apply_quietly(backend, model, config, training=True)
+    load_model_adapters(ctx, backend, model, plans(backend, model, spec, groups, ex["dim"]), ex["seed"])
+    ids = token_ids(ctx, spec, batch=2, seq=4 * tp, seed=ex["seed"] + 1)
+    with torch.no_grad():
+        logits = backend.model_forward(model, spec, {"input_ids": ids})
     first = dict(backend.lora_modules(model))
     weights = {name: tuple(w.detach().clone() for w in backend.adapter_weights(m)) for name, m in first.items()}
-    ids = {name: tuple(id(w) for w in backend.adapter_weights(m)) for name, m in first.items()}
+    identities = {name: tuple(id(w) for w in backend.adapter_weights(m)) for name, m in first.items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     again, _ = apply_quietly(backend, model, config, training=True)
     in_place = again is model              # a backend may return a new model: then values, not identities
@@ -125,7 +152,7 @@ def applying_twice_changes_nothing(ctx, backend, ex):
     if in_place:
         replaced = [n for n in first if second.get(n) is not first[n]]
         ctx.check(not replaced, f"the second apply replaced (re-wrapped) adapted modules: {replaced[:4]}")
-        changed = [n for n, m in second.items() if tuple(id(w) for w in backend.adapter_weights(m)) != ids[n]]
+        changed = [n for n, m in second.items() if tuple(id(w) for w in backend.adapter_weights(m)) != identities[n]]
         ctx.check(not changed, f"the second apply replaced the adapter weights of {changed[:4]}")
     nested = sorted(n for n in second if any(n.startswith(m + ".") for m in second))
     ctx.check(not nested, f"adapters inside adapted modules after the second apply: {nested[:4]}")
@@ -135,6 +162,9 @@ def applying_twice_changes_nothing(ctx, backend, ex):
     now = {n for n, p in again.named_parameters() if p.requires_grad}
     ctx.check(now == trainable, f"the second apply changed the trainable set: added {sorted(now - trainable)[:4]}, "
                                 f"removed {sorted(trainable - now)[:4]}")
+    with torch.no_grad():
+        logits_again = backend.model_forward(again, spec, {"input_ids": ids})
+    ctx.assert_close(logits_again, logits.double(), torch.float32, "logits after the second apply vs the first")
 
 
 INJ4_PATTERNS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "{parent}.*", "*.{name}", "mlp.*",

@@ -130,14 +130,18 @@ def _check_wrapper_merged_weight(ctx, backend, ex: dict, dtype) -> None:
 
 # -- whole-model merge --------------------------------------------------------------------------------
 
-@prop("LORA-MERGE-3", needs={"merge_model", "models"}, judges=("merge_model",), weight=0.5,
-      strategy=lambda ctx: st.fixed_dictionaries({"tp": st.sampled_from(ctx.tp_sizes), "sp": st.booleans(),
-                                                  "gated": st.booleans(), "alpha": st.sampled_from([4, 16, 32]),
-                                                  "seed": st.integers(0, 2**16), "b": st.integers(1, 2),
-                                                  "s_per_tp": st.integers(1, 3)}))
-def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
-    """merge_model on a LoRA-wrapped TinyGPT with non-zero adapters: the same logits as before the
-    merge, and no LoRA module left."""
+MODEL_EXAMPLES = dict(tp=None, sp=st.booleans(), gated=st.booleans(), alpha=st.sampled_from([4, 16, 32]),
+                      seed=st.integers(0, 2**16), b=st.integers(1, 2), s_per_tp=st.integers(1, 3))
+
+
+def _model_examples(ctx):
+    return st.fixed_dictionaries({**MODEL_EXAMPLES, "tp": st.sampled_from(ctx.tp_sizes)})
+
+
+def _adapted_tiny_gpt(ctx, backend, ex, eval_mode: bool = True):
+    """TinyGPT with LoRA (default targets, dim 8, no dropout) and the suite's non-zero A and B, in eval
+    mode or left in train mode: (spec, model, inputs, plans, adapted logits, where); the adapters
+    change the logits. Train mode keeps a library that merges on eval() (loralib) unmerged."""
     t, sp = fit_layout(ctx, backend, ex)
     groups = backend.init_parallel(t)
     spec = ModelSpec(kind="gpt", seed=ex["seed"], sequence_parallel=sp, gated_linear_unit=ex["gated"],
@@ -151,16 +155,76 @@ def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
     model = returned_model(model, backend.apply_lora(model, config, training=True))
     plan_by_name = plans(backend, model, spec, groups, 8)
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"] + 100)
-    model.eval()         # after the weights are written (the lifecycle in conformance/backend.py)
-    count = len(plan_by_name)
+    if eval_mode:
+        model.eval()     # after the weights are written (the lifecycle in conformance/backend.py)
     where = f"TinyGPT (tp={t}, sp={sp}, gated={ex['gated']}, alpha={ex['alpha']})"
-    ctx.check(count > 0, f"{where}: LoRA with the default targets wrapped no module")
+    ctx.check(len(plan_by_name) > 0, f"{where}: LoRA with the default targets wrapped no module")
     adapted = backend.model_forward(model, spec, inputs).detach()
     ctx.check(not torch.allclose(adapted, base_logits, rtol=1e-3, atol=1e-3),
               f"{where}: the adapters (non-zero A and B) did not change the logits")
+    return spec, model, inputs, plan_by_name, adapted, where
+
+
+@prop("LORA-MERGE-3", needs={"merge_model", "models"}, judges=("merge_model",), weight=0.5, strategy=_model_examples)
+def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
+    """merge_model on a LoRA-wrapped TinyGPT with non-zero adapters: the same logits as before the
+    merge, and no LoRA module left."""
+    spec, model, inputs, _, adapted, where = _adapted_tiny_gpt(ctx, backend, ex)
     merged_model = backend.merge_model(model)
     merged = backend.model_forward(merged_model, spec, inputs).detach()
     ctx.assert_close(merged, adapted.double(), torch.float32, f"{where}: logits after merge_model vs before",
                      scale=10)
     left = sorted(backend.lora_modules(merged_model))
     ctx.check(not left, f"{where}: LoRA modules remain after merge_model: {left[:4]}")
+
+
+def _base_weights(backend, model) -> dict:
+    return {name: backend.base_weight(m).detach().clone() for name, m in backend.lora_modules(model).items()}
+
+
+@prop("LORA-MERGE-3", needs={"unmerge", "models"}, judges=("merge_in_place", "unmerge_model"), weight=0.5,
+      strategy=_model_examples)
+def merge_in_place_then_unmerge_restores_the_model(ctx, backend, ex):
+    """merge_in_place: every base weight shard becomes W + (alpha/d) B A (float64 math from the suite's
+    A and B) and the logits stay the adapted ones; unmerge_model: the base weights are W again (to the
+    dtype's tolerance) and the logits are the adapted ones."""
+    spec, model, inputs, plan_by_name, adapted, where = _adapted_tiny_gpt(ctx, backend, ex, eval_mode=False)
+    before = _base_weights(backend, model)
+    scale = ex["alpha"] / 8
+    model = returned_model(model, backend.merge_in_place(model))
+    after = _base_weights(backend, model)
+    ctx.check(set(after) == set(before), f"{where}: merge_in_place changed the LoRA modules: "
+                                         f"{sorted(set(after) ^ set(before))[:4]}")
+    for name, plan in plan_by_name.items():
+        A, B = plan.full_tensors(ctx, ex["seed"] + 100, name)
+        update = piece(scale * (B @ A), shard_of("weight", plan.kind, stride=plan.stride), plan.index, plan.size)
+        ctx.assert_close(after[name], before[name].double() + update, before[name].dtype,
+                         f"{where}: base weight of {name} after merge_in_place vs W + (alpha/d) B A")
+    merged = backend.model_forward(model, spec, inputs).detach()
+    ctx.assert_close(merged, adapted.double(), torch.float32, f"{where}: logits after merge_in_place", scale=10)
+    model = returned_model(model, backend.unmerge_model(model))
+    restored = _base_weights(backend, model)
+    for name, weight in before.items():
+        ctx.assert_close(restored[name], weight.double(), weight.dtype,
+                         f"{where}: base weight of {name} after merge_in_place then unmerge_model vs before")
+    again = backend.model_forward(model, spec, inputs).detach()
+    ctx.assert_close(again, adapted.double(), torch.float32, f"{where}: logits after unmerge_model", scale=10)
+
+
+@prop("LORA-MERGE-3", needs={"unmerge", "models"}, judges=("merge_in_place", "unmerge_model"), weight=0.5,
+      strategy=_model_examples)
+def merging_twice_or_unmerging_unmerged_changes_nothing(ctx, backend, ex):
+    """unmerge_model on a model that is not merged changes no base weight (bit for bit) and no logit;
+    a second merge_in_place changes no base weight of the merged model."""
+    spec, model, inputs, _, adapted, where = _adapted_tiny_gpt(ctx, backend, ex, eval_mode=False)
+    before = _base_weights(backend, model)
+    model = returned_model(model, backend.unmerge_model(model))
+    changed = [n for n, w in _base_weights(backend, model).items() if not torch.equal(w, before[n])]
+    ctx.check(not changed, f"{where}: unmerge_model without a merge changed the base weights of {changed[:4]}")
+    ctx.assert_close(backend.model_forward(model, spec, inputs).detach(), adapted.double(), torch.float32,
+                     f"{where}: logits after unmerge_model without a merge")
+    model = returned_model(model, backend.merge_in_place(model))
+    once = _base_weights(backend, model)
+    model = returned_model(model, backend.merge_in_place(model))
+    changed = [n for n, w in _base_weights(backend, model).items() if not torch.equal(w, once[n])]
+    ctx.check(not changed, f"{where}: a second merge_in_place changed the base weights of {changed[:4]}")

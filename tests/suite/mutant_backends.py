@@ -415,6 +415,24 @@ class NotIdempotentBackend(_Mutant):
         return model
 
 
+class ReapplyWithWildcardsResetsAdaptersBackend(_Mutant):
+    """A second apply with wildcard or exclude patterns re-initializes the existing adapters (B = 0);
+    bare names are handled right (only the wildcard and exclude-mode probes of [LORA-INJ-3] see it)."""
+
+    expected_clause = "LORA-INJ-3"
+    select = "LORA-INJ-3"
+
+    def apply_lora(self, model, config, training=True):
+        already = bool(_wrappers(model))
+        model = super().apply_lora(model, config, training)
+        patterns = [*config.target_modules, *config.exclude_modules]
+        if already and (not config.target_modules or any("*" in p for p in patterns)):
+            with torch.no_grad():
+                for wrapper in _wrappers(model):
+                    wrapper.adapter.linear_out.weight.zero_()      # BUG: the trained adapter is reset
+        return model
+
+
 class InferenceAdaptersTrainableBackend(_Mutant):
     """training=False leaves the adapters trainable (and the model in train mode)."""
 
@@ -481,6 +499,19 @@ class MergeWithoutGatherBackend(_Mutant):
         elif tp_size > 1 and B.shape[0] * tp_size == base_weight.shape[0]:
             B = B.repeat(tp_size, 1)                          # BUG
         return reference.LoRAMerge().merge(base_weight, B, A, alpha, dim, tp_size=1, tp_group=None)
+
+
+class UnmergeKeepsTheUpdateBackend(_Mutant):
+    """unmerge_model marks the wrappers unmerged (the adapters run again) without subtracting the
+    update from the base weights: the update is then counted twice."""
+
+    expected_clause = "LORA-MERGE-3"
+    select = "LORA-MERGE-3"
+
+    def unmerge_model(self, model):
+        for wrapper in _wrappers(model):
+            wrapper.merged = False                          # BUG: the base weight keeps the update
+        return model
 
 
 class MergeModelDropsAdaptersBackend(_Mutant):
