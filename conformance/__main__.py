@@ -35,7 +35,8 @@ from .backends.reference import ReferenceBackend
 from .context import Context
 from .layout import DTYPES
 from .registry import load_all
-from .runner import FAIL, NA, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, run_property
+from .runner import (FAIL, NA, NOT_CHECKED, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, explicit_examples,
+                     run_property)
 
 PROFILES = {"quick": 4, "default": 25, "thorough": 100}
 NOTHING_SELECTED = 5          # as pytest's exit code when no test was collected
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "on CUDA, none on CPU)")
     parser.add_argument("--replay", default=None, metavar="ID=JSON", help="run one example of one property")
     parser.add_argument("--list", action="store_true", help="list the properties and exit")
+    parser.add_argument("--coverage", type=int, default=None, metavar="WORLD",
+                        help="list the layout combinations each property always runs at world size WORLD "
+                             "(for --backend; CPU dtypes unless --dtypes) and exit")
     args = parser.parse_args(argv)
     if args.keyword is not None:
         try:
@@ -185,6 +189,31 @@ def start_watchdog(limit_s: float, what: dict) -> None:
     threading.Thread(target=watch, daemon=True, name="conformance-watchdog").start()
 
 
+COVERAGE_KEYS = ("kind", "tp", "sp", "a2a", "gather_output", "input_is_parallel", "stride", "dtype", "dropout_position")
+
+
+def print_coverage(properties, backend, world: int, dtypes: str | None) -> int:
+    """Each property's always-run examples (layout combinations), as the runner would run them."""
+    if world < 1:
+        print("conformance: --coverage: the world size must be >= 1", file=sys.stderr)
+        return 2
+    extra = tuple(d for d in (dtypes or "").split(",") if d)
+    ctx = Context(world, 0, torch.device("cpu"), None, dtypes=("float32", *extra),
+                  tp_sizes=[t for t in backend.tp_sizes(world) if world % t == 0] or [1],
+                  capabilities=capability_values(backend.capabilities))
+    for p in properties:
+        if not all(backend.supports(need) for need in p.needs) or world < p.min_world:
+            print(f"{p.id:<55} not applicable")
+            continue
+        combos = explicit_examples(p.strategy(ctx))
+        print(f"{p.id:<55} {len(combos)} always-run example(s)" + ("" if combos else " (random draws only)"))
+        for combo in combos:
+            layer, rest = (combo[0], combo[1:]) if isinstance(combo, (tuple, list)) else (combo, ())
+            print("    " + " ".join([*(f"{key}={layer[key]}" for key in COVERAGE_KEYS if key in layer),
+                                     *(f"+ {value!r}" for value in rest)]))
+    return 0
+
+
 def backend_declaration_problem(backend) -> str:
     """What is wrong with a backend's `capabilities` or `borrowed` ("" if nothing), before any run."""
     try:
@@ -206,6 +235,8 @@ def main(argv=None) -> int:
             print(f"{name:<20} {len(entries):>3} entries  {path}")
         return 0
     properties = load_all()
+    if args.coverage is not None:
+        return print_coverage(properties, load_backend(args.backend), args.coverage, args.dtypes)
     if args.list:
         for p in properties:
             print(f"{p.id:<55} [{', '.join(p.clauses)}]  needs: {', '.join(sorted(p.needs)) or '-'}"
@@ -275,12 +306,14 @@ def main(argv=None) -> int:
     start_watchdog(3 * args.timeout, watch)
     progress = Progress(enabled=rank == 0 and sys.stdout.isatty(), total=len(selected))
     outcomes = []
+    failed_clauses: set[str] = set()
     started = time.monotonic()
     for index, prop in enumerate(selected, start=1):
         progress.index = index
         missing = sorted(need for need in prop.needs if not backend.supports(need))
         borrowed = not_its_own(backend, prop.judges)
         deviation = declared.find(deviation_list, prop)
+        blocked = [clause for clause in prop.requires if clause in failed_clauses]
         if missing:
             outcome = Outcome(prop, NA, reason=f"backend lacks: {', '.join(missing)}")
         elif borrowed:
@@ -289,6 +322,8 @@ def main(argv=None) -> int:
             outcome = Outcome(prop, NA, reason=f"needs world size >= {prop.min_world}")
         elif deviation is not None and deviation.kind == "skip":
             outcome = Outcome(prop, SKIP, reason=deviation.reason)
+        elif blocked:
+            outcome = Outcome(prop, NOT_CHECKED, reason=f"not checked: needs {', '.join(blocked)} (failed above)")
         else:
             watch.update(property=prop.id, started=time.monotonic())
             scoped = deviation if deviation is not None and deviation.scope else None
@@ -299,6 +334,8 @@ def main(argv=None) -> int:
                 if not scoped:
                     outcome.status = XFAIL if outcome.status == FAIL else XPASS
         outcomes.append(outcome)
+        if outcome.status == FAIL:
+            failed_clauses.update(prop.clauses)
         if rank == 0:
             line = f"[{index:>3}/{len(selected)}] {prop.id:<55} {outcome.status:<15} {outcome.examples:>4} ex {outcome.seconds:6.2f}s"
             print(("\r" if progress.enabled else "") + line, flush=True)

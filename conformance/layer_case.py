@@ -27,10 +27,61 @@ NAMES = {"column": "linear_qkv", "row": "linear_proj", "linear": "linear_fc1"}
 NO_TP = Groups(None, 1, 0)
 
 
-@st.composite
-def layer_examples(draw, ctx, kinds=("column", "row", "linear"), sp=(False, True), a2a=(False, True),
+def layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False, True), a2a=(False, True),
                    bias=(False, True), dtypes=None, tp=None, dropout=False, alpha=None, dim_multiple=None,
                    unsharded_io=(False,)):
+    """Layer examples (see _draw_layer_example) with `.explicit`: one small example per layout
+    combination the arguments allow (kind x TP x SP x a2a x gather/input-parallel x stride x dtype),
+    which the runner always runs before the random draws (SPEC's rare layouts never depend on the seed)."""
+    kwargs = dict(kinds=kinds, sp=sp, a2a=a2a, bias=bias, dtypes=dtypes, tp=tp, dropout=dropout, alpha=alpha,
+                  dim_multiple=dim_multiple, unsharded_io=unsharded_io)
+    strategy = _draw_layer_example(ctx, **kwargs)
+    strategy.explicit = layer_combinations(ctx, **kwargs)
+    return strategy
+
+
+def with_explicit(strategy, explicit):
+    """`strategy` with the examples the runner always runs first (`.explicit`); returns it."""
+    strategy.explicit = list(explicit)
+    return strategy
+
+
+def paired(first, second, values):
+    """st.tuples(first, second) that always runs each of first's explicit examples with each of
+    `values` (values `second` can draw)."""
+    return with_explicit(st.tuples(first, second), [(ex, v) for ex in getattr(first, "explicit", ()) for v in values])
+
+
+def layer_combinations(ctx, kinds, sp, a2a, bias, dtypes, tp, dropout, alpha, dim_multiple, unsharded_io) -> list:
+    """Every layout combination `layer_examples` can draw, each once with small sizes."""
+    combos = []
+    for kind in kinds:
+        for t in ([1] if kind == "linear" else list(tp or ctx.tp_sizes)):
+            for with_sp in ([False] if kind == "linear" or t == 1 else list(sp)):
+                for with_a2a in (list(a2a) if kind == "row" and with_sp else [False]):
+                    for unsharded in ([False] if kind == "linear" or with_sp else list(unsharded_io)):
+                        gather_output = unsharded and kind == "column"
+                        for stride in ([1, 2] if kind == "column" and not gather_output else [1]):
+                            for dtype in list(dtypes or ctx.dtypes):
+                                ex = {"kind": kind, "tp": t, "sp": with_sp, "a2a": with_a2a,
+                                      "gather_output": gather_output,
+                                      "input_is_parallel": not (unsharded and kind == "row"), "stride": stride,
+                                      "bias": True in bias, "skip_bias_add": False, "s": 2 * t, "b": 1,
+                                      "in": 2 * t, "out": 2 * t * stride,
+                                      "dim": 2 * (dim_multiple or t) if kind == "column" else 3,
+                                      "alpha": alpha if alpha is not None else 8, "dtype": dtype, "seed": 0}
+                                if dropout:
+                                    for position in ctx.supported("dropout_position", ["pre", "post"]):
+                                        combos.append({**ex, "dropout": 0.5, "dropout_position": position})
+                                else:
+                                    combos.append(ex)
+    return combos
+
+
+@st.composite
+def _draw_layer_example(draw, ctx, kinds=("column", "row", "linear"), sp=(False, True), a2a=(False, True),
+                        bias=(False, True), dtypes=None, tp=None, dropout=False, alpha=None, dim_multiple=None,
+                        unsharded_io=(False,)):
     """A layer example: plain values only (so it prints as JSON and replays with --replay).
 
     Column bases return their hidden shard and row bases take theirs unless `unsharded_io` allows
@@ -75,9 +126,11 @@ class Built:
     B: torch.Tensor
     dtype: torch.dtype
 
+    scale_override: float | None = None     # a fitted scale ([LORA-FWD-1]'s check; see properties/forward.py)
+
     @property
     def scale(self) -> float:
-        return self.ex["alpha"] / self.ex["dim"]
+        return self.ex["alpha"] / self.ex["dim"] if self.scale_override is None else self.scale_override
 
 
 def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -67,14 +67,18 @@ class Property:
     min_world: int = 1
     dtypes: tuple[str, ...] = field(default_factory=tuple)
     judges: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()   # clauses whose failure makes this property "not checked"
 
     def max_examples(self, budget: int) -> int:
         return max(1, round(budget * self.weight))
 
 
-def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_world: int = 1, judges=()):
+def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_world: int = 1, judges=(),
+         requires=()):
     """Register a property checking `clauses`; see the module docstring. `judges`: the protocol
-    methods / apply_lora aspects its verdict is about (default: its section's, JUDGES)."""
+    methods / apply_lora aspects its verdict is about (default: its section's, JUDGES). `requires`:
+    clauses it builds on (e.g. the forward math for a gradient check): when one of them has failed
+    earlier in the run, this property is "not checked" instead of failing on the same root cause."""
 
     def register(fn):
         section = fn.__module__.rsplit(".", 1)[-1]
@@ -83,7 +87,8 @@ def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_w
         PROPERTIES.append(Property(
             id=f"{section}.{fn.__name__}", section=section, clauses=tuple(clauses),
             needs=frozenset(needs), strategy=strategy, fn=fn, doc=(fn.__doc__ or "").strip(),
-            weight=weight, min_world=min_world, judges=tuple(judges) or JUDGES[section]))
+            weight=weight, min_world=min_world, judges=tuple(judges) or JUDGES[section],
+            requires=tuple(requires)))
         return fn
 
     return register

@@ -9,10 +9,10 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from .registry import SECTIONS
-from .runner import FAIL, NA, PASS, SKIP, XFAIL, XPASS
+from .runner import FAIL, NA, NOT_CHECKED, PASS, SKIP, XFAIL, XPASS
 
-STATUSES = (PASS, FAIL, XFAIL, XPASS, SKIP, NA)
-CLAUSE_ORDER = (FAIL, XPASS, XFAIL, PASS, SKIP, NA)   # a clause takes the first status any of its properties has
+STATUSES = (PASS, FAIL, XFAIL, XPASS, NOT_CHECKED, SKIP, NA)
+CLAUSE_ORDER = (FAIL, XPASS, XFAIL, NOT_CHECKED, PASS, SKIP, NA)   # a clause takes the first status any of its properties has
 
 
 def by_section(outcomes) -> "OrderedDict[str, dict[str, int]]":
@@ -106,7 +106,7 @@ def write_junit(path: str, outcomes, header: dict) -> None:
         cases = [o for o in outcomes if o.property.section == section]
         suite = ElementTree.SubElement(suites, "testsuite", name=section, tests=str(len(cases)),
                                        failures=str(sum(o.status in (FAIL, XPASS) for o in cases)),
-                                       skipped=str(sum(o.status in (SKIP, NA, XFAIL) for o in cases)))
+                                       skipped=str(sum(o.status in (SKIP, NA, XFAIL, NOT_CHECKED) for o in cases)))
         for o in cases:
             case = ElementTree.SubElement(suite, "testcase", classname=f"conformance.{section}",
                                           name=o.property.id, time=f"{o.seconds:.3f}")
@@ -114,7 +114,7 @@ def write_junit(path: str, outcomes, header: dict) -> None:
                 failure = ElementTree.SubElement(case, "failure", message=(o.message or o.status).splitlines()[0][:200])
                 failure.text = "\n".join(filter(None, [o.message, f"minimal example: {json.dumps(o.example)}"
                                                        if o.example is not None else "", o.reproduce]))
-            elif o.status in (SKIP, NA, XFAIL):
+            elif o.status in (SKIP, NA, XFAIL, NOT_CHECKED):
                 ElementTree.SubElement(case, "skipped", message=f"{o.status}: {o.reason}")
     ElementTree.indent(suites)
     ElementTree.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)

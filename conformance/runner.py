@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
+from hypothesis import example as always_run
 from hypothesis.errors import Flaky, HypothesisException
 from hypothesis.internal.conjecture import engine as _hypothesis_engine
 
@@ -35,6 +36,7 @@ _hypothesis_engine.MAX_SHRINKING_SECONDS = 10**9
 _hypothesis_engine.MAX_SHRINKS = 150
 
 PASS, FAIL, XFAIL, XPASS, SKIP, NA = "passed", "failed", "xfailed", "xpassed", "skipped", "not applicable"
+NOT_CHECKED = "not checked"   # a clause it requires failed earlier in the run (the root cause is reported there)
 
 
 class CollectiveHang(BaseException):
@@ -202,7 +204,10 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
         if replay is not None:
             check(replay)
         else:
-            test = given(prop.strategy(ctx))(check)
+            strategy = prop.strategy(ctx)
+            test = given(strategy)(check)
+            for explicit in reversed(explicit_examples(strategy)):     # always run, before the draws
+                test = always_run(explicit)(test)
             test = settings(max_examples=budget, derandomize=False, database=None, deadline=None,
                             suppress_health_check=list(HealthCheck), print_blob=False,
                             phases=[Phase.explicit, Phase.generate, Phase.shrink], report_multiple_bugs=True,
@@ -245,6 +250,11 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
                    reproduce=reproduce_command(options, prop, example)
                    if status == FAIL or (status in (XFAIL, XPASS) and example is not None) else "",
                    failures=failures if status == FAIL and len(failures) > 1 else [])
+
+
+def explicit_examples(strategy) -> list:
+    """The examples a property always runs (a strategy's `.explicit`, see layer_case.layer_examples)."""
+    return list(getattr(strategy, "explicit", ()))
 
 
 def as_ran(example, changes: dict):

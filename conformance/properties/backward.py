@@ -26,7 +26,7 @@ def _check_backward(ctx, backend, ex, **lora_overrides):
     return built
 
 
-@prop("LORA-BWD-1", "LORA-BWD-2", "TP-COLL-1", needs={"tp"},
+@prop("LORA-BWD-1", "LORA-BWD-2", "TP-COLL-1", needs={"tp"}, requires=("LORA-FWD-1", "LORA-FWD-5"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,)))
 def parallel_gradients_match_full_math(ctx, backend, ex):
     """dA, dB (this rank's shards) and dx (its layout) equal the full-matrix gradients."""
@@ -34,6 +34,7 @@ def parallel_gradients_match_full_math(ctx, backend, ex):
 
 
 @prop("LORA-BWD-1", "LORA-BWD-2", "LORA-FWD-3", "LORA-FWD-4", needs={"tp", "sp"}, min_world=2,
+      requires=("LORA-FWD-1", "LORA-FWD-3", "LORA-FWD-5"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
@@ -43,6 +44,7 @@ def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-10", "LORA-BWD-1", "LORA-BWD-2", needs={"tp", "sp", "sp_input_regather"}, min_world=2,
+      requires=("LORA-FWD-3", "LORA-FWD-5"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sp_input_regather_gradients_match_full_math(ctx, backend, ex):
@@ -52,7 +54,7 @@ def sp_input_regather_gradients_match_full_math(ctx, backend, ex):
     _check_backward(ctx, backend, ex, sequence_parallel_input_regather=True)
 
 
-@prop("LORA-FWD-8", needs={"tp"}, min_world=2,
+@prop("LORA-FWD-8", needs={"tp"}, min_world=2, requires=("LORA-FWD-5",),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,), unsharded_io=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def gathered_output_or_full_input_gradients_match_full_math(ctx, backend, ex):
@@ -60,7 +62,7 @@ def gathered_output_or_full_input_gradients_match_full_math(ctx, backend, ex):
     _check_backward(ctx, backend, ex)
 
 
-@prop("LORA-BWD-1", "LORA-BWD-2", needs={"linear"}, strategy=lambda ctx: layer_examples(ctx, kinds=("linear",)))
+@prop("LORA-BWD-1", "LORA-BWD-2", needs={"linear"}, requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=lambda ctx: layer_examples(ctx, kinds=("linear",)))
 def linear_gradients_match_full_math(ctx, backend, ex):
     """A plain nn.Linear base: the same gradients."""
     _check_backward(ctx, backend, ex)
@@ -68,9 +70,15 @@ def linear_gradients_match_full_math(ctx, backend, ex):
 
 @prop("LORA-BWD-3", strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,)))
 def base_weights_are_frozen(ctx, backend, ex):
-    """After LoRA is applied the base weight and bias do not require grad and get no gradient."""
+    """After LoRA is applied the base weight and bias do not require grad and get no gradient, while
+    A and B get one (only that: the gradients' values are [LORA-BWD-1/2]'s)."""
     ex = fit_to_backend(ctx, ex, backend)
-    built = _check_backward(ctx, backend, ex)
+    built = build(ctx, backend, ex)
+    X = ctx.randn((ex["s"], ex["b"], ex["in"]), ex["seed"] + 10).to(built.dtype).double()
+    G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
+    run(ctx, built, X, G)
+    A, B = backend.adapter_weights(built.wrapped)
+    ctx.check(A.grad is not None and B.grad is not None, "adapter A or B got no gradient")
     for name, param in built.container.named_parameters():
         is_adapter = any(param is w for w in backend.adapter_weights(built.wrapped))
         if not is_adapter:

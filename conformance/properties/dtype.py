@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..layer_case import build, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece, run
+from ..layer_case import build, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece, paired, run
 from ..layout import DTYPES, example_shard
 from ..registry import prop
 
@@ -14,8 +14,8 @@ LORA_DTYPES = ["bfloat16", "float16", None, "float32"]
 
 
 def _examples(ctx):
-    return st.tuples(layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,), a2a=(False,)),
-                     st.sampled_from(LORA_DTYPES))
+    return paired(layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,), a2a=(False,)),
+                  st.sampled_from(LORA_DTYPES), LORA_DTYPES)
 
 
 @prop("LORA-DTYPE-1", needs={"lora_dtype"}, strategy=_examples)
@@ -33,7 +33,7 @@ def adapter_parameters_have_the_lora_dtype(ctx, backend, drawn):
                   f"is {param.dtype}, expected {want}")
 
 
-@prop("LORA-DTYPE-2", needs={"lora_dtype"}, strategy=_examples)
+@prop("LORA-DTYPE-2", needs={"lora_dtype"}, requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=_examples)
 def output_has_the_base_dtype_and_lora_dtype_math(ctx, backend, drawn):
     """The wrapped layer's output has the base output's dtype, and equals the full math with x, A
     and B rounded to lora_dtype (to that dtype's tolerance)."""

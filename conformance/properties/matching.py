@@ -172,3 +172,77 @@ def unmatched_targets_warn(ctx, backend, ex):
                                   f"patterns {unmatched}, expected exactly one listing them all: {mentions[:3]}")
     missing = [p for p in unmatched if p not in mentions[0]]
     ctx.check(not missing, f"the unmatched-pattern warning does not list {missing}: {mentions[0]!r}")
+
+
+# ---- patterns from a grammar over the model's real names ([LORA-MATCH-2], [LORA-MATCH-3]) ----------------
+# Each transform turns a real full name into a pattern. Under SPEC, most select nothing or exactly
+# what SPEC says, where a plausible other semantics (suffix as PEFT, substring, regex with `.` as any
+# character, fnmatch / glob with `?` and `[]`, unanchored ends) selects something else.
+# tests/suite/test_matching_grammar.py checks that the always-run examples tell SPEC apart from each.
+
+MODULES = ["self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+GRAMMAR_LAYERS = 12          # layers 1, 10 and 11: digit runs
+
+PLAIN = {   # no `*`: an attribute name, or a whole full name, or nothing ([LORA-MATCH-2])
+    "attribute": lambda n: n.rsplit(".", 1)[1],
+    "full_name": lambda n: n,
+    "two_segment_tail": lambda n: ".".join(n.split(".")[-2:]),          # suffix semantics select it
+    "three_segment_tail": lambda n: ".".join(n.split(".")[-3:]),
+    "layer_prefix": lambda n: ".".join(n.split(".")[:3]),               # a transformer layer, not a linear
+    "interior_piece": lambda n: n.split(".")[3],                        # "mlp" / "self_attention"
+    "attribute_prefix": lambda n: n.rsplit(".", 1)[1][:-1],             # "linear_fc", "linear_qk"
+    "question_mark": lambda n: n.rsplit(".", 1)[1][:-1] + "?",          # fnmatch: any one character
+    "bracket_class": lambda n: n.rsplit(".", 1)[1][:-1] + "[12vj]",     # fnmatch: a character class
+    "regex_dot": lambda n: n.rsplit(".", 1)[1].replace("_", "."),        # regex: `.` is any character
+    "upper_case": lambda n: n.rsplit(".", 1)[1].capitalize(),
+}
+WILDCARD = {  # with `*` ([LORA-MATCH-3]): the whole full name, `*` any run of characters, dots included
+    "star_dot_attribute": lambda n: "*." + n.rsplit(".", 1)[1],
+    "star_attribute_prefix": lambda n: "*" + n.rsplit(".", 1)[1][:-1],          # anchored at the end: nothing
+    "attribute_prefix_star": lambda n: n.rsplit(".", 1)[1][:-1] + "*",          # anchored at the start: nothing
+    "layer_star": lambda n: ".".join(n.split(".")[:3]) + ".*",                  # layer i only (dots literal)
+    "layer_digits_star": lambda n: ".".join(n.split(".")[:3]) + "*",            # layer 1 also 10, 11
+    "star_in_the_middle": lambda n: "decoder.layers.*." + ".".join(n.split(".")[3:]),
+    "module_star": lambda n: ".".join(n.split(".")[:4]) + ".*",
+    "star_everywhere": lambda n: "*" + "*".join(n.split(".")[2:4]) + "*",       # "*1*mlp*"
+    "star_question_mark": lambda n: "*." + n.rsplit(".", 1)[1][:-1] + "?",      # fnmatch selects, SPEC not
+    "star_bracket_class": lambda n: "*." + n.rsplit(".", 1)[1][:-1] + "[12vj]",
+    "lone_star": lambda n: "*",
+}
+
+
+def grammar_pattern(ex: dict) -> str:
+    name = f"decoder.layers.{ex['layer']}.{ex['module']}"
+    return {**PLAIN, **WILDCARD}[ex["transform"]](name)
+
+
+def _grammar_examples(transforms):
+    explicit = [{"transform": t, "layer": layer, "module": module}
+                for t in transforms for layer, module in ((1, "mlp.linear_fc1"), (0, "self_attention.linear_qkv"))]
+    strategy = st.fixed_dictionaries({"transform": st.sampled_from(list(transforms)),
+                                      "layer": st.integers(0, GRAMMAR_LAYERS - 1), "module": st.sampled_from(MODULES)})
+    strategy.explicit = explicit
+    return strategy
+
+
+def _check_grammar(ctx, backend, ex):
+    model, candidates = _model(backend, GRAMMAR_LAYERS)
+    pattern = grammar_pattern(ex)
+    got = _selected(ctx, backend, model, [pattern])
+    _compare(ctx, got, expected_selection(candidates, [pattern]), f"target_modules=[{pattern!r}] ({ex['transform']})")
+
+
+@prop("LORA-MATCH-2", needs={"models"}, weight=0.5, strategy=lambda ctx: _grammar_examples(PLAIN))
+def plain_patterns_are_attribute_names_or_whole_names(ctx, backend, ex):
+    """A pattern without `*` drawn from a real name (its attribute, the whole name, a dotted tail, a
+    prefix, an interior piece, near misses with `?`, `[]`, `.`): it selects the modules whose attribute
+    name equals it or whose whole full name it is, and nothing else (not a suffix, substring, regex or glob)."""
+    _check_grammar(ctx, backend, ex)
+
+
+@prop("LORA-MATCH-3", needs={"models"}, weight=0.5, strategy=lambda ctx: _grammar_examples(WILDCARD))
+def wildcards_from_real_names_match_whole_names(ctx, backend, ex):
+    """`*` in every position of a real name (start, end, middle, several, alone), with digit runs
+    (layer 1 vs 10, 11) and `?` / `[]` / `.` near misses: the pattern matches the whole full name,
+    `*` is any run of characters and every other character is literal."""
+    _check_grammar(ctx, backend, ex)

@@ -8,16 +8,29 @@ from hypothesis import strategies as st
 from ..backend import ModelSpec
 from ..context import check_group_in_step, raises_everywhere
 from ..configs import lora
-from ..layer_case import build, fit_layout
+from ..layer_case import build, fit_layout, paired, with_explicit
 from ..layout import DTYPES, piece, shard_of
 from ..model_case import load_model_adapters, plans, returned_model
 from ..registry import prop
 
 TENSOR_OF = {"W": "weight", "A": "A", "B": "B"}
+BAD_SHAPES = ["A_in", "B_rank", "dim"]
+
+
+def _merge_examples(ctx, dtypes=None):
+    """Merge examples; always run first: each kind x TP x stride x dtype once."""
+    explicit = []
+    for t in ctx.tp_sizes:
+        for kind, stride in (("column", 1), ("column", 2), ("row", 1)):
+            for dtype in list(dtypes or ctx.dtypes):
+                sizes = ({"out": 2 * t * stride, "dim": 2 * t, "in": 3} if kind == "column"
+                         else {"out": 2 * t, "dim": 3, "in": 2 * t})
+                explicit.append({"kind": kind, "tp": t, "stride": stride, "alpha": 8, "dtype": dtype, "seed": 0, **sizes})
+    return with_explicit(_draw_merge_example(ctx, dtypes), explicit)
 
 
 @st.composite
-def _merge_examples(draw, ctx, dtypes=None):
+def _draw_merge_example(draw, ctx, dtypes=None):
     t = draw(st.sampled_from(ctx.tp_sizes))
     kind = draw(st.sampled_from(["column", "row"]))
     stride = draw(st.sampled_from([1, 2])) if kind == "column" else 1
@@ -70,8 +83,7 @@ def merge_weight_is_the_local_shard_of_the_merged_matrix(ctx, backend, ex):
 
 
 @prop("LORA-MERGE-1", "LORA-ERR-1", needs={"merge"},
-      strategy=lambda ctx: st.tuples(_merge_examples(ctx, dtypes=("float32",)),
-                                     st.sampled_from(["A_in", "B_rank", "dim"])))
+      strategy=lambda ctx: paired(_merge_examples(ctx, dtypes=("float32",)), st.sampled_from(BAD_SHAPES), BAD_SHAPES))
 def merge_weight_rejects_shapes_that_cannot_merge(ctx, backend, drawn):
     """A linear_in with a wrong in, a linear_out with a wrong rank, or a dim that fits neither: a
     ValueError on every rank, before any gather (a collective on the TP group still works)."""
@@ -92,8 +104,8 @@ def merge_weight_rejects_shapes_that_cannot_merge(ctx, backend, drawn):
 
 
 @prop("LORA-MERGE-2", needs={"merge"},
-      strategy=lambda ctx: st.tuples(_merge_examples(ctx, dtypes=(*ctx.dtypes, "float64")),
-                                     st.sampled_from([None, "float32"])))
+      strategy=lambda ctx: paired(_merge_examples(ctx, dtypes=(*ctx.dtypes, "float64")),
+                                  st.sampled_from([None, "float32"]), [None, "float32"]))
 def merged_weight_has_the_base_dtype(ctx, backend, drawn):
     """The merged shard has the base weight's dtype (float32 adapters on a reduced or float64 base
     too) and its values to that dtype's tolerance (float64 bases are merged in float64); a wrapper's
@@ -165,7 +177,8 @@ def _adapted_tiny_gpt(ctx, backend, ex, eval_mode: bool = True):
     return spec, model, inputs, plan_by_name, adapted, where
 
 
-@prop("LORA-MERGE-3", needs={"merge_model", "models"}, judges=("merge_model",), weight=0.5, strategy=_model_examples)
+@prop("LORA-MERGE-3", needs={"merge_model", "models"}, judges=("merge_model",), weight=0.5, requires=("LORA-FWD-1", "LORA-FWD-5"), 
+      strategy=_model_examples)
 def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
     """merge_model on a LoRA-wrapped TinyGPT with non-zero adapters: the same logits as before the
     merge, and no LoRA module left."""
@@ -183,7 +196,7 @@ def _base_weights(backend, model) -> dict:
 
 
 @prop("LORA-MERGE-3", needs={"unmerge", "models"}, judges=("merge_in_place", "unmerge_model"), weight=0.5,
-      strategy=_model_examples)
+      requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=_model_examples)
 def merge_in_place_then_unmerge_restores_the_model(ctx, backend, ex):
     """merge_in_place: every base weight shard becomes W + (alpha/d) B A (float64 math from the suite's
     A and B) and the logits stay the adapted ones; unmerge_model: the base weights are W again (to the
@@ -212,7 +225,7 @@ def merge_in_place_then_unmerge_restores_the_model(ctx, backend, ex):
 
 
 @prop("LORA-MERGE-3", needs={"unmerge", "models"}, judges=("merge_in_place", "unmerge_model"), weight=0.5,
-      strategy=_model_examples)
+      requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=_model_examples)
 def merging_twice_or_unmerging_unmerged_changes_nothing(ctx, backend, ex):
     """unmerge_model on a model that is not merged changes no base weight (bit for bit) and no logit;
     a second merge_in_place changes no base weight of the merged model."""

@@ -297,7 +297,7 @@ def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
                      f"share={ex['share']}, normalize={normalize})", scale=10)
 
 
-@prop("MOE-ROUTER-1", needs=NEEDS, weight=0.5,
+@prop("MOE-ROUTER-1", needs=NEEDS, weight=0.5, requires=("LORA-FWD-1", "LORA-FWD-5"),
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2, 3)), st.sampled_from([2, 4, 8])))
 def router_adapter_adds_to_the_logits(ctx, backend, drawn):
     """A targeted router routes by top-k softmax of x (W + (alpha/dim) B A)^T; under SP its adapter's
@@ -361,7 +361,7 @@ def router_adapter_adds_to_the_logits(ctx, backend, drawn):
 
 # ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
 
-@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25,
+@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25, requires=("LORA-FWD-5",),
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans()))
 def shared_outer_loras_match_dense_math(ctx, backend, drawn):
     """experts_shared_outer_loras on grouped experts: fc1's A and fc2's B are one tensor for all experts,

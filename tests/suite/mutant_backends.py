@@ -395,6 +395,27 @@ class WildcardDotIsRegexBackend(_Mutant):
             return super().lora_modules(model)
 
 
+_spec_pattern_matches = _matching.pattern_matches
+
+
+def _suffix_pattern_matches(pattern: str, name: str, full_name: str) -> bool:
+    if "*" not in pattern and full_name.endswith("." + pattern):
+        return True                                    # BUG: a plain dotted pattern matches as a suffix
+    return _spec_pattern_matches(pattern, name, full_name)
+
+
+class PlainPatternIsSuffixBackend(_Mutant):
+    """A pattern without `*` also selects every module whose full name ends with "." + pattern
+    (PEFT's suffix rule): `mlp.linear_fc1` selects every layer's fc1. Only plain dotted tails show it."""
+
+    expected_clause = "LORA-MATCH-2"
+    select = "LORA-MATCH-2"
+
+    def apply_lora(self, model, config, training=True):
+        with _patched(_matching, "pattern_matches", _suffix_pattern_matches):
+            return super().apply_lora(model, config, training)
+
+
 class NotIdempotentBackend(_Mutant):
     """Applying LoRA a second time wraps the existing LoRA wrappers again."""
 
