@@ -193,6 +193,8 @@ class AdapterPlan:
     def all_experts_full(self, ctx, seed: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A grouped module's full A and B for all `num_experts` experts: a per-expert factor stacked
         (E, ...), a shared one 2-D (float64, as local_pieces draws them)."""
+        if self.experts is None:                  # one adapter shared by every expert ([MOE-SHARE-1])
+            return self.full_tensors(ctx, seed, self.name)
         pairs = [self.full_tensors(ctx, seed, self.expert_key(g)) for g in range(num_experts)]
         shared = self.full_tensors(ctx, seed, self.name) if self.shared_factor else None
         return tuple(torch.stack([pair[i] for pair in pairs]) if self.stacked(which) else shared[i]

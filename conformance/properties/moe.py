@@ -361,21 +361,18 @@ def router_adapter_adds_to_the_logits(ctx, backend, drawn):
 
 # ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
 
-@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25, requires=("LORA-FWD-5",),
-      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans()))
-def shared_outer_loras_match_dense_math(ctx, backend, drawn):
-    """experts_shared_outer_loras on grouped experts: fc1's A and fc2's B are one tensor for all experts,
-    fc1's B_e and fc2's A_e stacked per local expert (SPEC shards over expert TP, whatever
-    share_expert_adapters says); the MoE layer's output and the four factors' gradients (after
-    finalize_grads) equal dense float64 math with W1_e + (alpha/r) B1_e A1 and W2_e + (alpha/r) B2 A2_e
-    over the tokens of the rank's expert block."""
-    ex, gated = drawn
+def _check_against_dense_math(ctx, backend, ex, dim, gated, what, **config):
+    """Grouped experts with LoRA on fc1 and fc2 (config: share_expert_adapters, normalize_moe_lora,
+    experts_shared_outer_loras): the MoE layer's output and every factor's gradient after
+    finalize_grads equal dense float64 math with W1_e + (alpha/r1) B1_e A1_e and W2_e + (alpha/r2) B2_e
+    A2_e over the tokens of the rank's expert block; per-expert factors are gathered over EP, shared
+    ones are the same on every rank (their gradient is the sum over every expert)."""
     ex = dict(ex, grouped=True, shared_experts=False)
-    dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
     groups, spec, model = build_moe(ctx, backend, ex, gated=gated)
-    model, _ = apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"],
-                                           experts_shared_outer_loras=True, share_expert_adapters=ex["share"]))
-    plan_by_name = plans(backend, model, spec, groups, dim, outer=True)
+    model, _ = apply_quietly(backend, model, moe_lora(["linear_fc1", "linear_fc2"], dim, ex["alpha"], **config))
+    plan_by_name = plans(backend, model, spec, groups, dim, normalize=config.get("normalize_moe_lora", False),
+                         share=config.get("share_expert_adapters", True),
+                         outer=config.get("experts_shared_outer_loras", False))
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])          # SPEC's shard shapes first
     modules = backend.lora_modules(model)
     with moe_layer_observed(model) as seen:
@@ -389,12 +386,16 @@ def shared_outer_loras_match_dense_math(ctx, backend, drawn):
     leaves = [t.to(p.dtype).double().requires_grad_() for t, p in zip(full, params)]   # what the backend holds
     A1, B1, A2, B2 = leaves
     W1, W2 = expert_base_weights(backend, modules, groups, gated)
-    s = ex["alpha"] / dim
-    w1 = [W1[e] + s * B1[e] @ A1 for e in range(spec.num_moe_experts)]
-    w2 = [W2[e] + s * B2 @ A2[e] for e in range(spec.num_moe_experts)]
-    where = f"{describe_layout(ex)}, topk={ex['topk']}, gated={gated}, dim={dim}"
+    s1, s2 = (ex["alpha"] / plan_by_name[name].rank for name in names)
+
+    def per_expert(t, e):
+        return t[e] if t.dim() == 3 else t
+
+    w1 = [W1[e] + s1 * per_expert(B1, e) @ per_expert(A1, e) for e in range(spec.num_moe_experts)]
+    w2 = [W2[e] + s2 * per_expert(B2, e) @ per_expert(A2, e) for e in range(spec.num_moe_experts)]
+    where = f"{describe_layout(ex)}, topk={ex['topk']}, gated={gated}, dim={dim}, {config}"
     ctx.assert_close(seen["output"], dense_moe_output(seen["tokens"], seen["probs"], seen["ids"], w1, w2, gated),
-                     torch.float32, f"MoE layer output with shared outer LoRA factors ({where})", scale=10)
+                     torch.float32, f"MoE layer output with {what} ({where})", scale=10)
     block = block_tokens(seen, groups)
     dense = dense_moe_output(block["tokens"], block["probs"], block["ids"], w1, w2, gated)
     loss = (dense * block["grad"].double()).sum()
@@ -405,4 +406,56 @@ def shared_outer_loras_match_dense_math(ctx, backend, drawn):
         if plan.stacked(which):
             got = gather(got, Shard(0), groups.ep_group)                       # every EP rank's experts
         kind = "per-expert" if plan.stacked(which) else "shared"
-        ctx.assert_close(got, want, torch.float32, f"gradient of the {kind} {which} of {name} ({where})", scale=100)
+        ctx.assert_close(got, want, torch.float32, f"gradient of the {kind} {which} of {name} with {what} ({where})",
+                         scale=100)
+
+
+def _dense_examples(ctx, min_ep=1):
+    return st.tuples(moe_examples(ctx, topk=(1, 2), min_ep=min_ep), st.booleans())
+
+
+@prop("MOE-FWD-1", needs=NEEDS, weight=0.25, requires=("LORA-FWD-1", "LORA-FWD-5"),
+      strategy=lambda ctx: _dense_examples(ctx))
+def per_expert_adapters_match_dense_math(ctx, backend, drawn):
+    """share_expert_adapters=False on grouped experts: the MoE layer's output and each expert's A and
+    B gradients equal dense float64 math with W_e + (alpha/r) B_e A_e (absolute, at every layout)."""
+    ex, gated = drawn
+    dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
+    _check_against_dense_math(ctx, backend, ex, dim, gated, "per-expert adapters", share_expert_adapters=False)
+
+
+@prop("MOE-SHARE-1", needs=NEEDS, weight=0.25, requires=("LORA-FWD-1", "LORA-FWD-5"),
+      strategy=lambda ctx: _dense_examples(ctx))
+def shared_expert_adapter_matches_dense_math(ctx, backend, drawn):
+    """share_expert_adapters=True: one A and B for every expert; the output and their gradients after
+    finalize_grads (the sum over every expert, across EP) equal dense float64 math."""
+    ex, gated = drawn
+    dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
+    _check_against_dense_math(ctx, backend, ex, dim, gated, "a shared expert adapter", share_expert_adapters=True)
+
+
+@prop("MOE-RANK-1", needs=NEEDS, weight=0.25, requires=("LORA-FWD-1", "LORA-FWD-5"),
+      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(2, 3)), st.booleans()))
+def normalized_expert_ranks_scale_by_alpha_over_rank(ctx, backend, drawn):
+    """normalize_moe_lora: expert adapters of rank dim // k (fc1 rounded up to expert TP) scale by
+    alpha / that rank: the output and gradients equal dense float64 math with it."""
+    ex, gated = drawn
+    dim = ex["topk"] * math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
+    _check_against_dense_math(ctx, backend, ex, dim, gated, "normalized expert ranks", normalize_moe_lora=True,
+                              share_expert_adapters=ex["share"])
+
+
+# ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
+
+@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25, requires=("LORA-FWD-5",),
+      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans()))
+def shared_outer_loras_match_dense_math(ctx, backend, drawn):
+    """experts_shared_outer_loras on grouped experts: fc1's A and fc2's B are one tensor for all experts,
+    fc1's B_e and fc2's A_e stacked per local expert (SPEC shards over expert TP, whatever
+    share_expert_adapters says); the MoE layer's output and the four factors' gradients (after
+    finalize_grads) equal dense float64 math with W1_e + (alpha/r) B1_e A1 and W2_e + (alpha/r) B2 A2_e
+    over the tokens of the rank's expert block."""
+    ex, gated = drawn
+    dim = math.lcm(ex["tp"], ex["etp"]) * ex["dim_factor"]
+    _check_against_dense_math(ctx, backend, ex, dim, gated, "shared outer LoRA factors",
+                              experts_shared_outer_loras=True, share_expert_adapters=ex["share"])

@@ -570,6 +570,23 @@ class NoMoERankNormalizationBackend(_Mutant):
         return super().apply_lora(model, config, training)
 
 
+class ExpertScaleIgnoresNormalizationBackend(_Mutant):
+    """normalize_moe_lora gives expert adapters rank dim // k, right, but scales them by alpha / dim
+    instead of alpha / (dim // k): shapes are right and the error is the same at every layout, so only
+    a comparison with dense float64 math sees it."""
+
+    expected_clause = "MOE-RANK-1"
+    select = "MOE-RANK-1"
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        if config.normalize_moe_lora:
+            for adapter in _adapters(model):
+                if isinstance(adapter, ExpertAdapter):
+                    adapter.scale = config.alpha / config.dim      # BUG: alpha / (dim // k)
+        return model
+
+
 class SharedExpertGradsNotSyncedBackend(_Mutant):
     """finalize_grads does nothing: shared expert adapters drift apart across the EP group."""
 
