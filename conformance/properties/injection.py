@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backend import Container, LinearSpec, ModelSpec
 from ..configs import lora
-from ..layer_case import fit_layout
+from ..layer_case import fit_layout, with_explicit
 from ..model_case import (
     DEFAULT_TARGETS,
     adapter_parameter_names,
@@ -109,8 +109,17 @@ REAPPLY = {"wildcard": [["*.mlp.*"], ["*.layers.0.*"], ["*linear_*"], ["*"]],
            "exclude": [["linear_proj"], ["*.mlp.*"], ["output_layer", "*.layers.0.*"]]}
 
 
+def _reapply_examples(ctx):
+    """Re-application examples; always run: every wildcard and exclude-mode pattern list once."""
+    t = max(ctx.tp_sizes)
+    base = {"tp": t, "sp": False, "num_layers": 1, "gated": False, "targets": 0, "dim": t, "alpha": 1, "seed": 0}
+    explicit = [{**base, "mode": "names", "patterns": 0}]
+    explicit += [{**base, "mode": mode, "patterns": i} for mode, lists in REAPPLY.items() for i in range(len(lists))]
+    return with_explicit(_draw_reapply_example(ctx), explicit)
+
+
 @st.composite
-def _reapply_examples(draw, ctx):
+def _draw_reapply_example(draw, ctx):
     ex = draw(model_examples(ctx))
     ex["mode"] = draw(st.sampled_from(["names", "wildcard", "exclude"]))
     ex["patterns"] = draw(st.integers(0, len(REAPPLY[ex["mode"]]) - 1)) if ex["mode"] != "names" else 0
@@ -126,7 +135,7 @@ def _reapply_config(ex):
     return lora(target_modules=[], exclude_modules=patterns, dim=ex["dim"], alpha=ex["alpha"])
 
 
-@prop("LORA-INJ-3", needs={"models"}, strategy=_reapply_examples)
+@prop("LORA-INJ-3", needs={"models"}, weight=0.5, strategy=_reapply_examples)
 def applying_twice_changes_nothing(ctx, backend, ex):
     """A second apply_lora with the same config (bare names, wildcards or exclude mode): the same
     adapted modules, trainable parameters, adapter values and logits; no wrapper wrapped again and no

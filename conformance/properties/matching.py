@@ -217,8 +217,7 @@ def grammar_pattern(ex: dict) -> str:
 
 
 def _grammar_examples(transforms):
-    explicit = [{"transform": t, "layer": layer, "module": module}
-                for t in transforms for layer, module in ((1, "mlp.linear_fc1"), (0, "self_attention.linear_qkv"))]
+    explicit = [{"transform": t, "layer": 1, "module": "mlp.linear_fc1"} for t in transforms]   # layer 1: 10, 11 too
     strategy = st.fixed_dictionaries({"transform": st.sampled_from(list(transforms)),
                                       "layer": st.integers(0, GRAMMAR_LAYERS - 1), "module": st.sampled_from(MODULES)})
     strategy.explicit = explicit
@@ -232,7 +231,7 @@ def _check_grammar(ctx, backend, ex):
     _compare(ctx, got, expected_selection(candidates, [pattern]), f"target_modules=[{pattern!r}] ({ex['transform']})")
 
 
-@prop("LORA-MATCH-2", needs={"models"}, weight=0.5, strategy=lambda ctx: _grammar_examples(PLAIN))
+@prop("LORA-MATCH-2", needs={"models"}, weight=0.25, strategy=lambda ctx: _grammar_examples(PLAIN))
 def plain_patterns_are_attribute_names_or_whole_names(ctx, backend, ex):
     """A pattern without `*` drawn from a real name (its attribute, the whole name, a dotted tail, a
     prefix, an interior piece, near misses with `?`, `[]`, `.`): it selects the modules whose attribute
@@ -240,7 +239,7 @@ def plain_patterns_are_attribute_names_or_whole_names(ctx, backend, ex):
     _check_grammar(ctx, backend, ex)
 
 
-@prop("LORA-MATCH-3", needs={"models"}, weight=0.5, strategy=lambda ctx: _grammar_examples(WILDCARD))
+@prop("LORA-MATCH-3", needs={"models"}, weight=0.25, strategy=lambda ctx: _grammar_examples(WILDCARD))
 def wildcards_from_real_names_match_whole_names(ctx, backend, ex):
     """`*` in every position of a real name (start, end, middle, several, alone), with digit runs
     (layer 1 vs 10, 11) and `?` / `[]` / `.` near misses: the pattern matches the whole full name,

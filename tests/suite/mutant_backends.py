@@ -96,6 +96,9 @@ def _break_adapter_forward(model, kind, broken_forward, own_communication=False)
 
 class _Mutant(ReferenceBackend):
     expected_clause: str | None = None
+    # Other clauses of the property that catches it (a property that checks several clauses fails
+    # them all): the per-mutant test asserts the failed set is exactly these and expected_clause.
+    also_failing: tuple[str, ...] = ()
     select: str | None = None
     diagnosis: str | None = None        # a word the failure message must contain (robustness mutants)
 
@@ -149,6 +152,7 @@ class ColumnMissingGatherBackend(_Mutant):
     """The column adapter does not all-gather A's output (s, b, r/t) before B."""
 
     expected_clause = "LORA-FWD-2"
+    also_failing = ("LORA-FWD-1",)
     select = "forward.parallel_forward_matches_full_math"
 
     def apply_lora(self, model, config, training=True):
@@ -165,6 +169,7 @@ class GatherWrongAxisBackend(_Mutant):
     """The column adapter all-gathers A's output along the sequence axis (then reshapes) instead of the last axis."""
 
     expected_clause = "LORA-FWD-2"
+    also_failing = ("LORA-FWD-1",)
     select = "forward.parallel_forward_matches_full_math"
 
     def apply_lora(self, model, config, training=True):
@@ -286,6 +291,7 @@ class ColumnMissingInputGradReduceBackend(_Mutant):
     """
 
     expected_clause = "LORA-BWD-2"
+    also_failing = ("LORA-BWD-1", "TP-COLL-1")
     select = "backward.parallel_gradients_match_full_math"
 
     def apply_lora(self, model, config, training=True):
@@ -297,6 +303,7 @@ class BaseNotFrozenBackend(_Mutant):
     """Base weights and biases stay trainable after LoRA is applied."""
 
     expected_clause = "LORA-BWD-3"
+    also_failing = ("LORA-INJ-1",)
     select = "LORA-BWD-3"
 
     def apply_lora(self, model, config, training=True):
@@ -458,6 +465,7 @@ class InferenceAdaptersTrainableBackend(_Mutant):
     """training=False leaves the adapters trainable (and the model in train mode)."""
 
     expected_clause = "LORA-INJ-2"
+    also_failing = ("VLM-FREEZE-2",)
     select = "LORA-INJ-2"
 
     def apply_lora(self, model, config, training=True):
@@ -495,6 +503,7 @@ class VLMFreezeAfterAdaptersBackend(_Mutant):
     """VLMLoRA freezes its parts after the adapters are created, so adapters in frozen parts are frozen too."""
 
     expected_clause = "VLM-FREEZE-2"
+    also_failing = ("LORA-INJ-2",)
     select = "VLM-FREEZE-2"
 
     def apply_lora(self, model, config, training=True):
@@ -562,6 +571,7 @@ class NoMoERankNormalizationBackend(_Mutant):
     """normalize_moe_lora is ignored: expert adapters keep the full rank dim."""
 
     expected_clause = "MOE-RANK-1"
+    also_failing = ("LORA-FWD-2", "MOE-SHARE-2")
     select = "MOE-RANK-1"
 
     def apply_lora(self, model, config, training=True):
@@ -601,6 +611,7 @@ class SharedOuterFirstExpertOnlyBackend(_Mutant):
     """experts_shared_outer_loras: every local expert reads the first local expert's per-expert factor."""
 
     expected_clause = "MOE-SHARE-3"
+    also_failing = ("MOE-FWD-1",)
     select = "MOE-SHARE-3"
 
     def apply_lora(self, model, config, training=True):
@@ -644,6 +655,7 @@ class NaNForwardBackend(_Mutant):
     """The LoRA-wrapped layer's forward returns NaN."""
 
     expected_clause = "LORA-FWD-1"
+    also_failing = ("LORA-FWD-2",)
     select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
     diagnosis = "non-finite"
 
@@ -658,6 +670,7 @@ class WrongShapeBackend(_Mutant):
     """The LoRA-wrapped layer's forward returns its output with an extra leading dimension."""
 
     expected_clause = "LORA-FWD-1"
+    also_failing = ("LORA-FWD-2",)
     select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
     diagnosis = "shape"
 
@@ -680,6 +693,7 @@ class RaisesInApplyBackend(_Mutant):
     """apply_lora raises RuntimeError."""
 
     expected_clause = "LORA-FWD-1"
+    also_failing = ("LORA-FWD-2",)
     select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
     diagnosis = "RuntimeError: mutant: apply_lora is broken"
 

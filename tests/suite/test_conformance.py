@@ -192,6 +192,10 @@ def test_mutant_is_detected(cls):
     assert clause is not None, (f"{cls.expected_clause} checked by no selected property "
                                 f"(selected: {list(run.props())})\n{run.explain()}")
     assert clause["status"] == "failed", f"{cls.__name__} not detected: {clause}\n{run.explain()}"
+    failed_clauses = {c for c, v in run.report["clauses"].items() if v["status"] == "failed"}
+    assert failed_clauses == {cls.expected_clause, *cls.also_failing}, (
+        f"{cls.__name__}: one bug must fail its clause (and the clauses its failing property shares), "
+        f"not others: {sorted(failed_clauses)}\n{run.explain()}")
     assert run.rc != 0, run.explain()
     assert "minimal example" in run.output and "reproduce:" in run.output, run.explain()
     failed = [p for p in run.report["properties"] if p["status"] == "failed"]
