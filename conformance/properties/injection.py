@@ -46,8 +46,15 @@ def _spec(ctx, ex, sp: bool) -> ModelSpec:
                      sequence_parallel=sp, gated_linear_unit=ex["gated"])
 
 
+def model_examples(ctx, tp=None, targets=None):
+    """TinyGPT examples; always run: every TP size with SP off and (t > 1) on."""
+    explicit = [{"tp": t, "sp": sp, "num_layers": 1, "gated": False, "targets": (targets or [0])[0], "dim": t,
+                 "alpha": 1, "seed": 0} for t in (tp or ctx.tp_sizes) for sp in ((False, True) if t > 1 else (False,))]
+    return with_explicit(_draw_model_example(ctx, tp, targets), explicit)
+
+
 @st.composite
-def model_examples(draw, ctx, tp=None, targets=None):
+def _draw_model_example(draw, ctx, tp=None, targets=None):
     t = draw(st.sampled_from(list(tp or ctx.tp_sizes)))
     return {"tp": t, "sp": draw(st.booleans()) if t > 1 else False, "num_layers": draw(st.integers(1, 2)),
             "gated": draw(st.booleans()), "targets": draw(st.sampled_from(targets or range(len(TARGET_SETS)))),

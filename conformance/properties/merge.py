@@ -147,7 +147,10 @@ MODEL_EXAMPLES = dict(tp=None, sp=st.booleans(), gated=st.booleans(), alpha=st.s
 
 
 def _model_examples(ctx):
-    return st.fixed_dictionaries({**MODEL_EXAMPLES, "tp": st.sampled_from(ctx.tp_sizes)})
+    """TinyGPT merge examples; always run: every TP size with SP off and (t > 1) on."""
+    explicit = [{"tp": t, "sp": sp, "gated": False, "alpha": 16, "seed": 0, "b": 1, "s_per_tp": 1}
+                for t in ctx.tp_sizes for sp in ((False, True) if t > 1 else (False,))]
+    return with_explicit(st.fixed_dictionaries({**MODEL_EXAMPLES, "tp": st.sampled_from(ctx.tp_sizes)}), explicit)
 
 
 def _adapted_tiny_gpt(ctx, backend, ex, eval_mode: bool = True):
@@ -182,13 +185,27 @@ def _adapted_tiny_gpt(ctx, backend, ex, eval_mode: bool = True):
 def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
     """merge_model on a LoRA-wrapped TinyGPT with non-zero adapters: the same logits as before the
     merge, and no LoRA module left."""
-    spec, model, inputs, _, adapted, where = _adapted_tiny_gpt(ctx, backend, ex)
-    merged_model = backend.merge_model(model)
+    spec, model, inputs, plan_by_name, adapted, where = _adapted_tiny_gpt(ctx, backend, ex, eval_mode=False)
+    before = _base_weights(backend, model)
+    model.eval()         # after the weights are written (a library may merge on eval)
+    merged_model = returned_model(model, backend.merge_model(model))
     merged = backend.model_forward(merged_model, spec, inputs).detach()
     ctx.assert_close(merged, adapted.double(), torch.float32, f"{where}: logits after merge_model vs before",
                      scale=10)
     left = sorted(backend.lora_modules(merged_model))
     ctx.check(not left, f"{where}: LoRA modules remain after merge_model: {left[:4]}")
+    _check_merged_weights(ctx, plan_by_name, before, ex["alpha"] / 8, ex["seed"] + 100, where, "merge_model",
+                          lambda name: merged_model.get_submodule(name).weight)
+
+
+def _check_merged_weights(ctx, plan_by_name, before, scale, seed, where, how, weight_of) -> None:
+    """Every adapted module's weight shard after `how` is W + (alpha/d) B A: float64 math from the
+    base shard before and the suite's full A and B (absolute, not the backend against itself)."""
+    for name, plan in plan_by_name.items():
+        A, B = plan.full_tensors(ctx, seed, name)
+        update = piece(scale * (B @ A), shard_of("weight", plan.kind, stride=plan.stride), plan.index, plan.size)
+        ctx.assert_close(weight_of(name), before[name].double() + update, before[name].dtype,
+                         f"{where}: weight of {name} after {how} vs W + (alpha/d) B A")
 
 
 def _base_weights(backend, model) -> dict:
@@ -208,11 +225,8 @@ def merge_in_place_then_unmerge_restores_the_model(ctx, backend, ex):
     after = _base_weights(backend, model)
     ctx.check(set(after) == set(before), f"{where}: merge_in_place changed the LoRA modules: "
                                          f"{sorted(set(after) ^ set(before))[:4]}")
-    for name, plan in plan_by_name.items():
-        A, B = plan.full_tensors(ctx, ex["seed"] + 100, name)
-        update = piece(scale * (B @ A), shard_of("weight", plan.kind, stride=plan.stride), plan.index, plan.size)
-        ctx.assert_close(after[name], before[name].double() + update, before[name].dtype,
-                         f"{where}: base weight of {name} after merge_in_place vs W + (alpha/d) B A")
+    _check_merged_weights(ctx, plan_by_name, before, scale, ex["seed"] + 100, where, "merge_in_place",
+                          lambda name: after[name])
     merged = backend.model_forward(model, spec, inputs).detach()
     ctx.assert_close(merged, adapted.double(), torch.float32, f"{where}: logits after merge_in_place", scale=10)
     model = returned_model(model, backend.unmerge_model(model))

@@ -10,7 +10,7 @@ from reference.parallel import made_here
 
 from ..backend import ModelSpec
 from ..context import NotOwnCode, check_group_in_step, divisors, raises_everywhere
-from ..layer_case import build, build_base, layer_examples, local_piece, plain_example, run
+from ..layer_case import build, build_base, layer_examples, local_piece, plain_example, run, with_explicit
 from ..layout import WHOLE, example_shard, gather
 from ..model_case import base_shard
 from ..registry import prop
@@ -212,10 +212,17 @@ def _model_spec(ex: dict, t: int, sp: bool) -> ModelSpec:
 
 
 @st.composite
-def _model_examples(draw, ctx):
+def _draw_model_example(draw, ctx):
     t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
     return {"tp": t, "sp": draw(st.booleans()), "gated": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
             "s": t * draw(st.integers(1, 3)), "b": draw(st.integers(1, 2))}
+
+
+def _model_examples(ctx):
+    """TinyGPT at TP t > 1; always run: every t with SP off and on."""
+    explicit = [{"tp": t, "sp": sp, "gated": False, "seed": 0, "s": t, "b": 1}
+                for t in ctx.tp_sizes if t > 1 for sp in (False, True)]
+    return with_explicit(_draw_model_example(ctx), explicit)
 
 
 def _input_ids(ctx, ex: dict, vocab: int) -> torch.Tensor:
