@@ -54,6 +54,11 @@ JUDGES = {
 }
 
 
+# The clauses of an adapter's forward math, basic layouts first: what every other property that runs
+# an adapter's forward builds on (`requires`), so that a forward bug is reported once, on its clause.
+FORWARD_MATH = ("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3", "LORA-FWD-5")
+
+
 @dataclass
 class Property:
     id: str

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..layer_case import build, expected, fit_to_backend, layer_examples, local_piece, run, term_sizes
 from ..layout import example_shard
-from ..registry import prop
+from ..registry import FORWARD_MATH, prop
 
 
 def _check_backward(ctx, backend, ex, **lora_overrides):
@@ -26,7 +26,7 @@ def _check_backward(ctx, backend, ex, **lora_overrides):
     return built
 
 
-@prop("LORA-BWD-1", "LORA-BWD-2", "TP-COLL-1", needs={"tp"}, requires=("LORA-FWD-1", "LORA-FWD-5"),
+@prop("LORA-BWD-1", "LORA-BWD-2", "TP-COLL-1", needs={"tp"}, requires=FORWARD_MATH,
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,)))
 def parallel_gradients_match_full_math(ctx, backend, ex):
     """dA, dB (this rank's shards) and dx (its layout) equal the full-matrix gradients."""
@@ -34,7 +34,7 @@ def parallel_gradients_match_full_math(ctx, backend, ex):
 
 
 @prop("LORA-BWD-1", "LORA-BWD-2", "LORA-FWD-3", "LORA-FWD-4", needs={"tp", "sp"}, min_world=2,
-      requires=("LORA-FWD-1", "LORA-FWD-3", "LORA-FWD-5"),
+      requires=FORWARD_MATH,
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
@@ -44,7 +44,7 @@ def sequence_parallel_gradients_match_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-10", "LORA-BWD-1", "LORA-BWD-2", needs={"tp", "sp", "sp_input_regather"}, min_world=2,
-      requires=("LORA-FWD-3", "LORA-FWD-5"),
+      requires=FORWARD_MATH,
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sp_input_regather_gradients_match_full_math(ctx, backend, ex):
@@ -54,7 +54,7 @@ def sp_input_regather_gradients_match_full_math(ctx, backend, ex):
     _check_backward(ctx, backend, ex, sequence_parallel_input_regather=True)
 
 
-@prop("LORA-FWD-8", needs={"tp"}, min_world=2, requires=("LORA-FWD-5",),
+@prop("LORA-FWD-8", needs={"tp"}, min_world=2, requires=FORWARD_MATH,
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,), unsharded_io=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def gathered_output_or_full_input_gradients_match_full_math(ctx, backend, ex):
@@ -62,13 +62,15 @@ def gathered_output_or_full_input_gradients_match_full_math(ctx, backend, ex):
     _check_backward(ctx, backend, ex)
 
 
-@prop("LORA-BWD-1", "LORA-BWD-2", needs={"linear"}, requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=lambda ctx: layer_examples(ctx, kinds=("linear",)))
+@prop("LORA-BWD-1", "LORA-BWD-2", needs={"linear"}, requires=FORWARD_MATH,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("linear",)))
 def linear_gradients_match_full_math(ctx, backend, ex):
     """A plain nn.Linear base: the same gradients."""
     _check_backward(ctx, backend, ex)
 
 
-@prop("LORA-BWD-3", strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,)))
+@prop("LORA-BWD-3", requires=FORWARD_MATH,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False,)))
 def base_weights_are_frozen(ctx, backend, ex):
     """After LoRA is applied the base weight and bias do not require grad and get no gradient, while
     A and B get one (only that: the gradients' values are [LORA-BWD-1/2]'s)."""

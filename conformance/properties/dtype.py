@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from ..layer_case import build, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece, paired, run
 from ..layout import DTYPES, example_shard
-from ..registry import prop
+from ..registry import FORWARD_MATH, prop
 
 # Reduced dtypes first: hypothesis starts from the first choice, and they are the telling case.
 LORA_DTYPES = ["bfloat16", "float16", None, "float32"]
@@ -33,7 +33,8 @@ def adapter_parameters_have_the_lora_dtype(ctx, backend, drawn):
                   f"is {param.dtype}, expected {want}")
 
 
-@prop("LORA-DTYPE-2", needs={"lora_dtype"}, requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=_examples)
+@prop("LORA-DTYPE-2", needs={"lora_dtype"}, requires=FORWARD_MATH,
+      strategy=_examples)
 def output_has_the_base_dtype_and_lora_dtype_math(ctx, backend, drawn):
     """The wrapped layer's output has the base output's dtype, and equals the full math with x, A
     and B rounded to lora_dtype (to that dtype's tolerance)."""

@@ -24,7 +24,7 @@ from ..collectives_counter import counting
 from ..layer_case import (build, build_base, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece,
                           run, term_sizes, with_explicit)
 from ..layout import example_shard, gather
-from ..registry import prop
+from ..registry import FORWARD_MATH, prop
 
 
 def _check_forward(ctx, backend, ex, what, fit_scale=True, **lora_overrides):
@@ -72,6 +72,7 @@ def parallel_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-8", needs={"tp"}, min_world=2,
+      requires=("LORA-FWD-1", "LORA-FWD-2"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,), unsharded_io=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def gathered_output_or_full_input_matches_full_math(ctx, backend, ex):
@@ -87,6 +88,7 @@ def linear_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-3", needs={"tp", "sp"}, min_world=2,
+      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,), a2a=(False,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sequence_parallel_forward_matches_full_math(ctx, backend, ex):
@@ -95,6 +97,7 @@ def sequence_parallel_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-4", needs={"tp", "sp", "a2a"}, min_world=2,
+      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("row", "column"), sp=(True,), a2a=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def a2a_forward_matches_full_math(ctx, backend, ex):
@@ -104,6 +107,7 @@ def a2a_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-10", "LORA-FWD-3", needs={"tp", "sp", "sp_input_regather"}, min_world=2,
+      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sp_input_regather_forward_matches_full_math(ctx, backend, ex):
@@ -115,6 +119,7 @@ def sp_input_regather_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-10", needs={"tp", "sp", "sp_input_regather"}, min_world=2, weight=0.5,
+      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column",), sp=(True,), dtypes=("float32",),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sp_input_regather_keeps_only_the_sequence_shard(ctx, backend, ex):
@@ -153,6 +158,7 @@ def _scale_examples(ctx):
 
 
 @prop("LORA-FWD-5",
+      requires=("LORA-FWD-1", "LORA-FWD-2"),
       strategy=lambda ctx: _scale_examples(ctx))
 def scale_is_alpha_over_dim(ctx, backend, drawn):
     """The update is scaled by alpha / dim for any alpha and dim (on whatever bases the backend has)."""
@@ -163,6 +169,7 @@ def scale_is_alpha_over_dim(ctx, backend, drawn):
 
 
 @prop("LORA-FWD-7", needs={"tp"}, min_world=2,
+      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), a2a=(False,), dtypes=("float32",),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def lora_adds_no_activation_sized_collective(ctx, backend, ex):
@@ -277,7 +284,8 @@ def _check_pre(ctx, built, y_full, base_full, exact_full, p):
               f"on the adapter's output (or on no input element)")
 
 
-@prop("LORA-FWD-6", needs={"dropout_position"}, requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=dropout_examples)
+@prop("LORA-FWD-6", needs={"dropout_position"}, requires=FORWARD_MATH,
+      strategy=dropout_examples)
 def dropout_acts_at_its_position_in_train_mode(ctx, backend, ex):
     """Train mode: 'post' drops elements of the update (0 or exact/(1-p)); 'pre' keeps it in span(B)."""
     ex = _supported(ctx, ex, backend)
@@ -292,7 +300,8 @@ def dropout_acts_at_its_position_in_train_mode(ctx, backend, ex):
         _check_pre(ctx, built, _full_rows(ctx, built, y), base, exact, p)
 
 
-@prop("LORA-FWD-6", needs={"dropout_position"}, requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=dropout_examples)
+@prop("LORA-FWD-6", needs={"dropout_position"}, requires=FORWARD_MATH,
+      strategy=dropout_examples)
 def no_dropout_in_eval_mode(ctx, backend, ex):
     """After .eval() the output is base + (alpha/r) B A x exactly, for 'pre' and 'post' alike."""
     ex = _supported(ctx, ex, backend)
@@ -307,7 +316,8 @@ def no_dropout_in_eval_mode(ctx, backend, ex):
                      f"({ex['kind']} base, tp={ex['tp']})")
 
 
-@prop("LORA-FWD-6", needs={"dropout_position"}, strategy=dropout_examples)
+@prop("LORA-FWD-6", needs={"dropout_position"}, requires=FORWARD_MATH,
+      strategy=dropout_examples)
 def base_path_never_sees_dropout(ctx, backend, ex):
     """With B = 0 the train-mode output is the base output: dropout never touches the base path."""
     ex = _supported(ctx, ex, backend)

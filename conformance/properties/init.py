@@ -12,7 +12,7 @@ from ..model_case import returned_model
 from ..configs import lora
 from ..layer_case import add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples, run
 from ..layout import example_shard, gather
-from ..registry import prop
+from ..registry import FORWARD_MATH, prop
 
 METHODS = ["xavier", "kaiming", "normal", "zero"]
 
@@ -146,7 +146,8 @@ def _zero_B_layer(ctx, backend, ex):
               f"{what}: the wrapper changed the bias returned with the output")
 
 
-@prop("LORA-INIT-3", strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear")))
+@prop("LORA-INIT-3", requires=FORWARD_MATH,
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear")))
 def zero_B_leaves_the_layer_unchanged(ctx, backend, ex):
     """With the default lora_B_init_method "zero", the wrapped layer's output is the bare base
     layer's, bit for bit (column, row, nn.Linear; with SP when drawn)."""
@@ -154,6 +155,7 @@ def zero_B_leaves_the_layer_unchanged(ctx, backend, ex):
 
 
 @prop("LORA-INIT-3", needs={"models"}, weight=0.5,
+      requires=FORWARD_MATH,
       strategy=lambda ctx: st.fixed_dictionaries({"tp": st.sampled_from(ctx.tp_sizes), "sp": st.booleans(),
                                                   "gated": st.booleans(), "seed": st.integers(0, 2**16),
                                                   "b": st.integers(1, 2), "s_per_tp": st.integers(1, 3)}))

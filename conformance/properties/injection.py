@@ -33,7 +33,7 @@ from ..model_case import (
     plans,
     token_ids,
 )
-from ..registry import prop
+from ..registry import FORWARD_MATH, prop
 
 TARGET_SETS = [DEFAULT_TARGETS, ["linear_qkv"], ["linear_proj", "linear_fc2"], [*DEFAULT_TARGETS, "output_layer"],
                ["linear_fc1", "output_layer"]]
@@ -142,7 +142,8 @@ def _reapply_config(ex):
     return lora(target_modules=[], exclude_modules=patterns, dim=ex["dim"], alpha=ex["alpha"])
 
 
-@prop("LORA-INJ-3", needs={"models"}, weight=0.5, strategy=_reapply_examples)
+@prop("LORA-INJ-3", needs={"models"}, weight=0.5, requires=FORWARD_MATH,
+      strategy=_reapply_examples)
 def applying_twice_changes_nothing(ctx, backend, ex):
     """A second apply_lora with the same config (bare names, wildcards or exclude mode): the same
     adapted modules, trainable parameters, adapter values and logits; no wrapper wrapped again and no
@@ -253,6 +254,7 @@ SHARDED_IO_TARGETS = [i for i, targets in enumerate(TARGET_SETS) if "output_laye
 
 
 @prop("LORA-INJ-5", "LORA-FWD-2", needs={"relayout", "models", "tp"}, judges=("apply_lora",), weight=0.5, min_world=2,
+      requires=FORWARD_MATH,
       strategy=lambda ctx: model_examples(ctx, tp=[t for t in ctx.tp_sizes if t > 1], targets=SHARDED_IO_TARGETS))
 def adapted_model_is_tp_invariant(ctx, backend, ex):
     """TinyGPT + LoRA with the same full weights at TP 1 and TP t (SP on or off): the same logits and
@@ -315,7 +317,8 @@ def _with_dropout(draw, ctx, rates=(0.0, 0.5)):
     return {**draw(model_examples(ctx)), "dropout": draw(st.sampled_from(rates))}
 
 
-@prop("LORA-INJ-6", needs={"models", "disable_adapters"}, judges=("set_adapters_enabled",), weight=0.5, strategy=_with_dropout)
+@prop("LORA-INJ-6", needs={"models", "disable_adapters"}, judges=("set_adapters_enabled",), weight=0.5, requires=FORWARD_MATH,
+      strategy=_with_dropout)
 def disabled_adapters_give_the_base_logits(ctx, backend, ex):
     """Adapters off: TinyGPT's logits are the base model's exactly (in train mode too, dropout or not)
     and the adapters get no gradient; on again: the adapted logits, and the trainable set as before."""

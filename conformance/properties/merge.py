@@ -11,7 +11,7 @@ from ..configs import lora
 from ..layer_case import build, fit_layout, paired, with_explicit
 from ..layout import DTYPES, piece, shard_of
 from ..model_case import load_model_adapters, plans, returned_model
-from ..registry import prop
+from ..registry import FORWARD_MATH, prop
 
 TENSOR_OF = {"W": "weight", "A": "A", "B": "B"}
 BAD_SHAPES = ["A_in", "B_rank", "dim"]
@@ -180,7 +180,7 @@ def _adapted_tiny_gpt(ctx, backend, ex, eval_mode: bool = True):
     return spec, model, inputs, plan_by_name, adapted, where
 
 
-@prop("LORA-MERGE-3", needs={"merge_model", "models"}, judges=("merge_model",), weight=0.5, requires=("LORA-FWD-1", "LORA-FWD-5"), 
+@prop("LORA-MERGE-3", needs={"merge_model", "models"}, judges=("merge_model",), weight=0.5, requires=FORWARD_MATH,
       strategy=_model_examples)
 def merged_tiny_gpt_gives_the_same_logits(ctx, backend, ex):
     """merge_model on a LoRA-wrapped TinyGPT with non-zero adapters: the same logits as before the
@@ -213,7 +213,8 @@ def _base_weights(backend, model) -> dict:
 
 
 @prop("LORA-MERGE-3", needs={"unmerge", "models"}, judges=("merge_in_place", "unmerge_model"), weight=0.25,
-      requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=_model_examples)
+      requires=FORWARD_MATH,
+      strategy=_model_examples)
 def merge_in_place_then_unmerge_restores_the_model(ctx, backend, ex):
     """merge_in_place: every base weight shard becomes W + (alpha/d) B A (float64 math from the suite's
     A and B) and the logits stay the adapted ones; unmerge_model: the base weights are W again (to the
@@ -239,7 +240,8 @@ def merge_in_place_then_unmerge_restores_the_model(ctx, backend, ex):
 
 
 @prop("LORA-MERGE-3", needs={"unmerge", "models"}, judges=("merge_in_place", "unmerge_model"), weight=0.25,
-      requires=("LORA-FWD-1", "LORA-FWD-5"), strategy=_model_examples)
+      requires=FORWARD_MATH,
+      strategy=_model_examples)
 def merging_twice_or_unmerging_unmerged_changes_nothing(ctx, backend, ex):
     """unmerge_model on a model that is not merged changes no base weight (bit for bit) and no logit;
     a second merge_in_place changes no base weight of the merged model."""

@@ -30,7 +30,7 @@ from ..model_case import (
 )
 from ..moe_case import (MOE_LAYER, block_tokens, build_moe, dense_moe_output, describe_layout, expert_base_weights,
                         forward_logits, layouts, moe_examples, moe_layer_observed, moe_lora, moe_spec, sizes)
-from ..registry import prop
+from ..registry import FORWARD_MATH, prop
 
 NEEDS = {"models", "moe"}
 ALL_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router"]
@@ -167,6 +167,7 @@ def _sgd_step(backend, model, lr=0.5):
 
 
 @prop("MOE-SHARE-1", needs=NEEDS, min_world=2, weight=0.25,
+      requires=FORWARD_MATH,
       strategy=lambda ctx: moe_examples(ctx, min_ep=2))
 def shared_expert_adapters_stay_identical_across_ep(ctx, backend, ex):
     """share_expert_adapters=True: a grouped module's one adapter is identical on every EP rank after
@@ -208,6 +209,7 @@ def _capture(module, store):
 
 
 @prop("MOE-SHARE-2", needs=NEEDS, weight=0.25,
+      requires=FORWARD_MATH,
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.integers(0, 63)))
 def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
     """share_expert_adapters=False: a grouped module's adapters are stacked per local expert, and the
@@ -274,6 +276,7 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
 # ---- [MOE-FWD-1] [MOE-ROUTER-1] ------------------------------------------------------------------------------
 
 @prop("MOE-FWD-1", "MOE-SHARE-2", needs=NEEDS | {"relayout"}, weight=0.25,
+      requires=FORWARD_MATH,
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans(), st.booleans(),
                                      st.lists(st.sampled_from(["linear_qkv", "linear_proj", "router"]), unique=True)))
 def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
@@ -297,7 +300,7 @@ def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
                      f"share={ex['share']}, normalize={normalize})", scale=10)
 
 
-@prop("MOE-ROUTER-1", needs=NEEDS, weight=0.5, requires=("LORA-FWD-1", "LORA-FWD-5"),
+@prop("MOE-ROUTER-1", needs=NEEDS, weight=0.5, requires=FORWARD_MATH,
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2, 3)), st.sampled_from([2, 4, 8])))
 def router_adapter_adds_to_the_logits(ctx, backend, drawn):
     """A targeted router routes by top-k softmax of x (W + (alpha/dim) B A)^T; under SP its adapter's
@@ -414,7 +417,7 @@ def _dense_examples(ctx, min_ep=1):
     return st.tuples(moe_examples(ctx, topk=(1, 2), min_ep=min_ep), st.booleans())
 
 
-@prop("MOE-FWD-1", needs=NEEDS, weight=0.25, requires=("LORA-FWD-1", "LORA-FWD-5"),
+@prop("MOE-FWD-1", needs=NEEDS, weight=0.25, requires=FORWARD_MATH,
       strategy=lambda ctx: _dense_examples(ctx))
 def per_expert_adapters_match_dense_math(ctx, backend, drawn):
     """share_expert_adapters=False on grouped experts: the MoE layer's output and each expert's A and
@@ -424,7 +427,7 @@ def per_expert_adapters_match_dense_math(ctx, backend, drawn):
     _check_against_dense_math(ctx, backend, ex, dim, gated, "per-expert adapters", share_expert_adapters=False)
 
 
-@prop("MOE-SHARE-1", needs=NEEDS, weight=0.25, requires=("LORA-FWD-1", "LORA-FWD-5"),
+@prop("MOE-SHARE-1", needs=NEEDS, weight=0.25, requires=FORWARD_MATH,
       strategy=lambda ctx: _dense_examples(ctx))
 def shared_expert_adapter_matches_dense_math(ctx, backend, drawn):
     """share_expert_adapters=True: one A and B for every expert; the output and their gradients after
@@ -434,7 +437,7 @@ def shared_expert_adapter_matches_dense_math(ctx, backend, drawn):
     _check_against_dense_math(ctx, backend, ex, dim, gated, "a shared expert adapter", share_expert_adapters=True)
 
 
-@prop("MOE-RANK-1", needs=NEEDS, weight=0.25, requires=("LORA-FWD-1", "LORA-FWD-5"),
+@prop("MOE-RANK-1", needs=NEEDS, weight=0.25, requires=FORWARD_MATH,
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(2, 3)), st.booleans()))
 def normalized_expert_ranks_scale_by_alpha_over_rank(ctx, backend, drawn):
     """normalize_moe_lora: expert adapters of rank dim // k (fc1 rounded up to expert TP) scale by
@@ -447,7 +450,7 @@ def normalized_expert_ranks_scale_by_alpha_over_rank(ctx, backend, drawn):
 
 # ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
 
-@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25, requires=("LORA-FWD-5",),
+@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25, requires=FORWARD_MATH,
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans()))
 def shared_outer_loras_match_dense_math(ctx, backend, drawn):
     """experts_shared_outer_loras on grouped experts: fc1's A and fc2's B are one tensor for all experts,
