@@ -5,6 +5,14 @@
     def column_forward_matches_full_math(ctx, backend, ex):
         ...   # raise AssertionError (or use ctx.assert_close) when the backend is wrong
 
+What a property declares besides its clauses:
+- `needs`: capabilities (conformance/backend.py); without them it is "not applicable";
+- `judges`: the protocol methods / apply_lora aspects its verdict is about (section default: JUDGES);
+  inherited or borrowed ones make it "not applicable" — a pass is the backend's own code;
+- `requires`: clauses it builds on (FORWARD_MATH for anything that runs an adapter's forward); when
+  one failed earlier in the run it is "not checked", so one bug fails one clause;
+- its strategy's `.explicit`: examples always run before the random draws (layout combinations).
+
 A property's id is "<section>.<function name>", its section the module it lives in:
 conformance/properties/<section>.py, one module per SPEC.md section (`SECTIONS`, in SPEC's order,
 which is also the order properties run and reports list them). An example is a dict of plain values

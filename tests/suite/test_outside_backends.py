@@ -112,3 +112,29 @@ def test_bad_backend_declarations_are_usage_errors():
                               env=_env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stdout + done.stderr
         assert words in done.stderr and "allowed" in done.stderr, done.stderr
+
+
+def test_a_failed_prerequisite_makes_dependents_not_checked():
+    """[LORA-FWD-5] [LORA-BWD-1] one bug, one clause: with a wrong scale the scale property fails and
+    the gradient properties (which build on it) are "not checked: needs LORA-FWD-5", not failed."""
+    run = conformance("--profile", "quick", "-k", "LORA-FWD-5 or linear_gradients", world=1,
+                      backend="tests.suite.mutant_backends:WrongScaleBackend")
+    assert run.rc == 1, run.explain()
+    props = run.props()
+    assert props["forward.scale_is_alpha_over_dim"]["status"] == "failed"
+    dependent = props["backward.linear_gradients_match_full_math"]
+    assert dependent["status"] == "not checked" and "LORA-FWD-5" in dependent["reason"], dependent
+    assert {c for c, v in run.report["clauses"].items() if v["status"] == "failed"} == {"LORA-FWD-5"}
+
+
+def test_coverage_lists_the_always_run_layouts():
+    """[LORA-FWD-2] --coverage shows, per property, the layout combinations it always runs: at world 2
+    the column forward runs TP 1 and 2, strides 1 and 2."""
+    done = subprocess.run([sys.executable, "-m", "conformance", "--coverage", "2"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    block = done.stdout.split("forward.parallel_forward_matches_full_math", 1)[1].split("\nforward.", 1)[0]
+    for combo in ("kind=column tp=2 sp=False a2a=False gather_output=False input_is_parallel=True stride=2",
+                  "kind=column tp=1 sp=False a2a=False gather_output=False input_is_parallel=True stride=1",
+                  "kind=row tp=2"):
+        assert combo in block, block
