@@ -60,7 +60,8 @@ def _fitted_scale(ctx, built, X, G, y, output, what) -> float:
     delta = y.detach().double().to(unit.device) - base
     num, den = (delta * unit).sum().item(), (unit * unit).sum().item()
     ctx.check(den == 0 or num / den > 1e-6,
-              f"{what}: the update s B A x is missing (best-fitting s = {num / den:.3g}; it must be > 0)")
+              f"{what}: the output minus the base is not s B A x for any s > 0 (best-fitting s = {num / den:.3g}): "
+              f"the update is missing, negated or misplaced")
     return num / den if den else built.ex["alpha"] / built.ex["dim"]
 
 

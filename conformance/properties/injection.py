@@ -79,7 +79,8 @@ def _check_modes(ctx, model, training: bool, what: str) -> None:
     ctx.check(not wrong, f"{what}: modules not in {'train' if training else 'eval'} mode: {wrong[:4]}")
 
 
-@prop("LORA-INJ-1", "LORA-BWD-3", needs={"models"}, judges=("freezing",), strategy=model_examples)
+@prop("LORA-INJ-1", "LORA-BWD-3", needs={"models"}, judges=("freezing",), requires=("LORA-BWD-3",),
+      strategy=model_examples)
 def apply_trains_exactly_the_adapters(ctx, backend, ex):
     """training=True: only adapter parameters require grad, and the model is in train mode."""
     tp, sp = fit_layout(ctx, backend, ex)
@@ -189,6 +190,7 @@ INJ4_PATTERNS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "{pare
 
 
 @prop("LORA-INJ-4", needs={"models"},
+      requires=("LORA-INJ-3",),
       strategy=lambda ctx: st.fixed_dictionaries({
           "kind": st.sampled_from(["column", "row", "linear"]),
           "name": st.sampled_from(DEFAULT_TARGETS),

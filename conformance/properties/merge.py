@@ -104,6 +104,7 @@ def merge_weight_rejects_shapes_that_cannot_merge(ctx, backend, drawn):
 
 
 @prop("LORA-MERGE-2", needs={"merge"},
+      requires=("LORA-MERGE-1",),
       strategy=lambda ctx: paired(_merge_examples(ctx, dtypes=(*ctx.dtypes, "float64")),
                                   st.sampled_from([None, "float32"]), [None, "float32"]))
 def merged_weight_has_the_base_dtype(ctx, backend, drawn):

@@ -92,7 +92,8 @@ def _check_adapters(ctx, backend, chunk, ex, what=""):
                          f"{wrong[:4]}")
 
 
-@prop("VLM-FREEZE-1", needs={"vlm"}, strategy=lambda ctx: _examples(ctx))
+@prop("VLM-FREEZE-1", needs={"vlm"}, requires=("LORA-BWD-3",),
+      strategy=lambda ctx: _examples(ctx))
 def vlm_freezes_exactly_the_flagged_parts(ctx, backend, ex):
     """training=True: base parameters are frozen exactly in the flagged parts; the model trains."""
     (model,) = _models(ctx, backend, ex)
@@ -100,7 +101,8 @@ def vlm_freezes_exactly_the_flagged_parts(ctx, backend, ex):
     _check_base(ctx, backend, model, ex)
 
 
-@prop("VLM-FREEZE-2", "LORA-INJ-2", needs={"vlm"}, strategy=lambda ctx: _examples(ctx, training=(True, False)))
+@prop("VLM-FREEZE-2", "LORA-INJ-2", needs={"vlm"}, requires=("LORA-INJ-2",),
+      strategy=lambda ctx: _examples(ctx, training=(True, False)))
 def vlm_adapters_stay_trainable(ctx, backend, ex):
     """Adapters inside frozen parts are trainable; training=False freezes everything (eval mode)."""
     (model,) = _models(ctx, backend, ex)
@@ -111,6 +113,7 @@ def vlm_adapters_stay_trainable(ctx, backend, ex):
 
 
 @prop("VLM-FREEZE-3", needs={"vlm"}, weight=0.5,
+      requires=("LORA-INJ-2",),
       strategy=lambda ctx: _examples(ctx, training=(True, False), chunks=(2,)))
 def vlm_chunks_are_frozen_alike(ctx, backend, ex):
     """A list of chunks (two VLMs): each chunk is frozen and adapted the same way."""
