@@ -82,28 +82,6 @@ def moe_needs_sequence_parallelism_at_tp(ctx, backend, ex):
 
 # ---- [MOE-MATCH-1] [MOE-RANK-1] [MOE-RANK-2] ------------------------------------------------------------
 
-@prop("MOE-MATCH-1", needs=NEEDS, weight=0.5,
-      strategy=lambda ctx: moe_examples(ctx, topk=(2, 3)))
-def expert_linears_are_found_by_name(ctx, backend, ex):
-    """With normalize_moe_lora exactly the expert linears (mlp. ... experts ... .linear_fc1|2, not under
-    shared_experts) get a reduced rank; router, shared experts and attention keep dim."""
-    dim = ex["topk"] * ex["tp"] * ex["etp"] * ex["dim_factor"]     # dim // topk needs no rounding
-    groups, spec, model = build_moe(ctx, backend, ex)
-    candidates = linear_candidates(model)
-    model, _ = apply_quietly(backend, model, moe_lora(ALL_TARGETS, dim, ex["alpha"], normalize_moe_lora=True,
-                                        share_expert_adapters=ex["share"]))
-    modules = backend.lora_modules(model)
-    want = expected_selection(candidates, ALL_TARGETS)
-    ctx.check(set(modules) == want, f"adapted modules {sorted(set(modules) ^ want)[:4]} differ from the suite's "
-                                    f"selection of {ALL_TARGETS} ({describe_layout(ex)})")
-    normalized = {n for n, m in modules.items() if backend.adapter_weights(m)[1].shape[-1] != dim}
-    experts = {n for n in modules if is_expert_linear(n)}
-    ctx.check(normalized == experts,
-              f"normalize_moe_lora (dim {dim}, topk {ex['topk']}) reduced the rank of "
-              f"{sorted(normalized - experts)[:3]} (not expert linears) / kept dim on "
-              f"{sorted(experts - normalized)[:3]} (expert linears) ({describe_layout(ex)}, grouped={ex['grouped']})")
-
-
 @st.composite
 def rank_examples(draw, ctx):
     """Half the examples are the case the rounding is for: normalize_moe_lora at expert TP > 1 with
@@ -137,7 +115,29 @@ def adapter_ranks_and_shards(ctx, backend, ex):
     check_adapter_shapes(backend, model, plan_by_name)
 
 
-@prop("MOE-RANK-2", "LORA-ERR-1", needs=NEEDS, weight=0.25,
+@prop("MOE-MATCH-1", needs=NEEDS, weight=0.5, requires=("MOE-RANK-1",),
+      strategy=lambda ctx: moe_examples(ctx, topk=(2, 3)))
+def expert_linears_are_found_by_name(ctx, backend, ex):
+    """With normalize_moe_lora exactly the expert linears (mlp. ... experts ... .linear_fc1|2, not under
+    shared_experts) get a reduced rank; router, shared experts and attention keep dim."""
+    dim = ex["topk"] * ex["tp"] * ex["etp"] * ex["dim_factor"]     # dim // topk needs no rounding
+    groups, spec, model = build_moe(ctx, backend, ex)
+    candidates = linear_candidates(model)
+    model, _ = apply_quietly(backend, model, moe_lora(ALL_TARGETS, dim, ex["alpha"], normalize_moe_lora=True,
+                                        share_expert_adapters=ex["share"]))
+    modules = backend.lora_modules(model)
+    want = expected_selection(candidates, ALL_TARGETS)
+    ctx.check(set(modules) == want, f"adapted modules {sorted(set(modules) ^ want)[:4]} differ from the suite's "
+                                    f"selection of {ALL_TARGETS} ({describe_layout(ex)})")
+    normalized = {n for n, m in modules.items() if backend.adapter_weights(m)[1].shape[-1] != dim}
+    experts = {n for n in modules if is_expert_linear(n)}
+    ctx.check(normalized == experts,
+              f"normalize_moe_lora (dim {dim}, topk {ex['topk']}) reduced the rank of "
+              f"{sorted(normalized - experts)[:3]} (not expert linears) / kept dim on "
+              f"{sorted(experts - normalized)[:3]} (expert linears) ({describe_layout(ex)}, grouped={ex['grouped']})")
+
+
+@prop("MOE-RANK-2", "LORA-ERR-1", needs=NEEDS, weight=0.25, requires=("MOE-RANK-1",),
       strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(2, 3)), st.integers(1, 2)))
 def rank_not_divisible_by_topk_raises(ctx, backend, drawn):
     """normalize_moe_lora with dim % topk != 0 raises ValueError naming an expert module, on every rank."""
@@ -362,7 +362,7 @@ def router_adapter_adds_to_the_logits(ctx, backend, drawn):
                          f"the router adapter's {label} gradient after finalize_grads (the TP group's sum)", scale=10)
 
 
-# ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
+# ---- against dense float64 math: [MOE-FWD-1] [MOE-SHARE-1] [MOE-RANK-1] ------------------------------------
 
 def _check_against_dense_math(ctx, backend, ex, dim, gated, what, **config):
     """Grouped experts with LoRA on fc1 and fc2 (config: share_expert_adapters, normalize_moe_lora,
