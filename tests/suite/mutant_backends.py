@@ -99,6 +99,7 @@ class _Mutant(ReferenceBackend):
     # Other clauses of the property that catches it (a property that checks several clauses fails
     # them all): the per-mutant test asserts the failed set is exactly these and expected_clause.
     also_failing: tuple[str, ...] = ()
+    whole_suite = True                  # False: a mutant breaking everything (tests/suite/test_mutant_clauses.py)
     select: str | None = None
     diagnosis: str | None = None        # a word the failure message must contain (robustness mutants)
 
@@ -634,6 +635,7 @@ class ErrorOnlyOnRankZeroBackend(_Mutant):
     """A size error in apply_lora is raised on rank 0 only; the other ranks carry on without the adapter."""
 
     expected_clause = "LORA-ERR-1"
+    also_failing = ("MOE-RANK-2",)   # its property checks LORA-ERR-1 too
     select = "errors.lora_errors_are_raised_on_every_rank_before_any_collective"
 
     def apply_lora(self, model, config, training=True):
@@ -695,7 +697,10 @@ class WrongShapeBackend(_Mutant):
 
 
 class RaisesInApplyBackend(_Mutant):
-    """apply_lora raises RuntimeError."""
+    """apply_lora raises RuntimeError (a robustness mutant: every property that applies LoRA fails, so
+    it is left out of the whole-suite meta-test; its -k selection checks the diagnosis)."""
+
+    whole_suite = False
 
     expected_clause = "LORA-FWD-1"
     also_failing = ("LORA-FWD-2",)
