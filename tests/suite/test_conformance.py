@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,8 +74,13 @@ _counter = iter(range(10**6))
 
 
 def conformance(*args: str, world: int = 2, backend: str | None = None, timeout: float = DEFAULT_RUN_TIMEOUT_S,
-                report: bool = True) -> Run:
-    """Run the suite; returns exit code, merged stdout/stderr, wall time and the JSON report (if written)."""
+                report: bool = True, torchrun: bool = False) -> Run:
+    """Run the suite; returns exit code, merged stdout/stderr, wall time and the JSON report (if written).
+
+    world > 1: the ranks are started by hand (RANK, WORLD_SIZE, MASTER_* set here), which saves
+    torchrun's own start-up on every run; `torchrun=True` uses torchrun (its handling of a dead rank
+    is what some tests check). The exit code is the first non-zero one, rank 0's first; the output is
+    rank 0's, then the other ranks'."""
     args = list(args)
     if backend is not None:
         args = ["--backend", backend, *args]
@@ -85,22 +91,40 @@ def conformance(*args: str, world: int = 2, backend: str | None = None, timeout:
     elif "--report-json" in args:
         json_path = Path(args[args.index("--report-json") + 1])
     if world == 1:
-        cmd = [sys.executable, "-m", "conformance", *args]
+        launches = [([sys.executable, "-m", "conformance", *args], _env())]
+    elif torchrun:
+        launches = [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                      "-m", "conformance", *args], _env())]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "conformance", *args]
+        port = _free_port()
+        launches = [([sys.executable, "-m", "conformance", *args],
+                     dict(_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for r in range(world)]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for cmd, env in launches]
+    outputs = []
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))[0])
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)          # the session this test started, and only it
-        output, _ = proc.communicate()
-        pytest.fail(f"conformance run did not finish within {timeout} s:\n$ {shlex.join(cmd)}\n{output[-6000:]}")
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)      # the sessions this test started, and only them
+        outputs = [proc.communicate()[0] for proc in procs]
+        pytest.fail(f"conformance run did not finish within {timeout} s:\n$ {shlex.join(launches[0][0])}\n"
+                    f"{outputs[0][-6000:]}")
     seconds = time.monotonic() - start
     data = json.loads(json_path.read_text()) if json_path is not None and json_path.is_file() else None
-    return Run(cmd, proc.returncode, output, seconds, data)
+    rc = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
+    output = outputs[0] + "".join(f"\n--- rank {r} ---\n{o}" for r, o in enumerate(outputs[1:], start=1) if o.strip())
+    return Run(launches[0][0], rc, output, seconds, data)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _mutant_spec(cls) -> str:
@@ -247,7 +271,7 @@ HANG_SELECT = "forward.parallel_forward_matches_full_math or forward.linear_forw
 
 def test_hanging_collective_fails_the_property_and_the_run_goes_on():
     run = conformance("-k", HANG_SELECT, "--max-examples", "10", "--timeout", "10",
-                      backend=_mutant_spec(mutant_backends.HangingCollectiveBackend), timeout=150)
+                      backend=_mutant_spec(mutant_backends.HangingCollectiveBackend), timeout=150, torchrun=True)
     assert run.seconds < 90, f"the hang took {run.seconds:.0f} s to be reported\n{run.explain()}"
     assert run.rc == 1, run.explain()
     assert run.report is not None, f"the run did not finish with a report\n{run.explain()}"
@@ -263,7 +287,8 @@ def test_dying_rank_ends_the_run():
     """A rank that dies ends the run; what ran before it stays in the JSON report (written after every
     property, marked incomplete)."""
     run = conformance("-k", "config_has_the_spec_fields_and_defaults or forward.linear_forward_matches_full_math",
-                      "--timeout", "10", backend=_mutant_spec(mutant_backends.DyingRankBackend), timeout=120)
+                      "--timeout", "10", backend=_mutant_spec(mutant_backends.DyingRankBackend), timeout=120,
+                      torchrun=True)
     assert run.rc != 0, run.explain()
     assert run.seconds < 90, run.explain()
     assert re.search(r"exitcode\s*:\s*5\b", run.output), run.explain()     # torchrun names the dead rank
