@@ -4,7 +4,7 @@ the clauses its catching property shares, `also_failing`) over *all* properties,
 One bug, one clause: a property checks its own clause and reports "not checked: needs X" when a
 clause it builds on failed, so the clause table names the root cause. This runs the full suite
 (quick profile, world 2) for every mutant and seed, about 15 s each: too long for every CI run, so it
-runs when CONFORMANCE_SLOW=1 is set (docs/mutants.md has the last full result).
+runs when CONFORMANCE_SLOW=1 is set (docs/mutants.md has the last result).
 """
 
 from __future__ import annotations
