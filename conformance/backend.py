@@ -62,6 +62,7 @@ Conventions (those of Megatron, see SPEC.md):
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -292,6 +293,14 @@ class Backend:
     def base_weight(self, wrapped: nn.Module) -> torch.Tensor:
         """The base layer's local weight parameter inside a wrapped module."""
         return wrapped.to_wrap.weight
+
+
+def import_optional(module: str, extra: str, what: str):
+    """Import a backend's library (an optional dependency), or stop with how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"conformance: {what} needs `pip install {module}` (extra: .[{extra}])") from e
 
 
 def not_its_own(backend: Backend, judged) -> str:

@@ -19,16 +19,12 @@ from torch import nn
 
 from reference.lora.matching import match
 
-from ..backend import Backend, LinearSpec, ModelSpec, plain_linear
+from ..backend import Backend, LinearSpec, ModelSpec, import_optional, plain_linear
 from ..plain import make_plain_model
 
 
 def _loralib():
-    try:
-        import loralib
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise SystemExit("conformance: the loralib backend needs `pip install loralib` (extra: .[loralib])") from e
-    return loralib
+    return import_optional("loralib", "loralib", "the loralib backend")
 
 
 class LoralibBackend(Backend):

@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import Backend, LinearSpec, ModelSpec, plain_linear
+from ..backend import Backend, LinearSpec, ModelSpec, import_optional, plain_linear
 from ..plain import make_plain_model
 
 ADAPTER = "default"
 
 
 def _peft():
-    try:
-        import peft
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise SystemExit("conformance: the PEFT backend needs `pip install peft` (extra: .[peft])") from e
-    return peft
+    return import_optional("peft", "peft", "the PEFT backend")
 
 
 class PeftBackend(Backend):
