@@ -7,9 +7,9 @@ seed, at TP = 1, with plain `nn.Linear` layers under Megatron's module names:
     embedding, decoder.layers.<i>.{input_layernorm, self_attention.linear_qkv, self_attention.linear_proj,
     pre_mlp_layernorm, mlp.linear_fc1, mlp.linear_fc2}, decoder.final_layernorm, output_layer
 
-so that the suite's matching, injection, init and merge properties apply to it unchanged. Use it as
-the backend's `make_model`; with the inherited TP = 1 `Backend.init_parallel` a backend needs no
-parallel code at all. Only "gpt" models are offered (the MoE and VLM properties need expert
+so that the suite's matching, injection, init and merge properties apply to it unchanged.
+`PlainBackend` uses it as `make_model`, with nn.Linear bases and the inherited TP = 1
+`Backend.init_parallel`: a TP = 1 backend built on it needs no parallel code at all. Only "gpt" models are offered (the MoE and VLM properties need expert
 parallelism and the VLM's freezing flags, which a TP = 1 library implements itself if it has them).
 """
 
@@ -22,7 +22,21 @@ from torch import nn
 import reference
 from reference import parallel
 
-from .backend import ModelSpec
+from .backend import Backend, LinearSpec, ModelSpec, plain_linear
+
+
+class PlainBackend(Backend):
+    """A base for TP = 1 libraries: nn.Linear bases (kind "linear" only) and make_plain_model, with the
+    inherited TP = 1 init_parallel. These parts are the suite's, so properties that judge them are
+    "not applicable" for a backend built on this class."""
+
+    def make_linear(self, spec: LinearSpec):
+        if spec.kind != "linear":
+            raise NotImplementedError(f"{self.name} adapts nn.Linear only, not {spec.kind!r} bases")
+        return plain_linear(spec)
+
+    def make_model(self, spec: ModelSpec):
+        return make_plain_model(spec)
 
 
 def make_plain_model(spec: ModelSpec) -> "PlainGPT":

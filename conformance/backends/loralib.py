@@ -19,15 +19,15 @@ from torch import nn
 
 from reference.lora.matching import match
 
-from ..backend import Backend, LinearSpec, ModelSpec, import_optional, plain_linear
-from ..plain import make_plain_model
+from ..backend import import_optional
+from ..plain import PlainBackend
 
 
 def _loralib():
     return import_optional("loralib", "loralib", "the loralib backend")
 
 
-class LoralibBackend(Backend):
+class LoralibBackend(PlainBackend):
     name = "loralib"
     capabilities = {"linear": True, "models": True, "merge_model": True, "unmerge": True,
                     "dropout_position": {"pre"},                  # lora_dropout acts on the input
@@ -37,14 +37,6 @@ class LoralibBackend(Backend):
 
     def describe(self) -> str:
         return f"loralib {getattr(_loralib(), '__version__', '0.1.x')} (lora.Linear, TP=1)"
-
-    def make_linear(self, spec: LinearSpec):
-        if spec.kind != "linear":
-            raise NotImplementedError("loralib adapts nn.Linear only")
-        return plain_linear(spec)
-
-    def make_model(self, spec: ModelSpec):
-        return make_plain_model(spec)
 
     def apply_lora(self, model, config, training=True):
         lora = _loralib()

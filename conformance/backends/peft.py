@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import Backend, LinearSpec, ModelSpec, import_optional, plain_linear
-from ..plain import make_plain_model
+from ..backend import import_optional
+from ..plain import PlainBackend
 
 ADAPTER = "default"
 
@@ -31,7 +31,7 @@ def _peft():
     return import_optional("peft", "peft", "the PEFT backend")
 
 
-class PeftBackend(Backend):
+class PeftBackend(PlainBackend):
     name = "peft"
     capabilities = {"linear": True, "merge_model": True, "unmerge": True, "models": True, "disable_adapters": True,
                     "dropout_position": {"pre"},                # lora_dropout acts on the adapter input
@@ -39,14 +39,6 @@ class PeftBackend(Backend):
 
     def describe(self) -> str:
         return f"HF PEFT {_peft().__version__} (LoRA on nn.Linear, TP=1), torch {torch.__version__}"
-
-    def make_linear(self, spec: LinearSpec):
-        if spec.kind != "linear":
-            raise NotImplementedError("PEFT adapts nn.Linear only")
-        return plain_linear(spec)
-
-    def make_model(self, spec: ModelSpec):
-        return make_plain_model(spec)
 
     def validate_config(self, config):
         peft = _peft()
