@@ -73,10 +73,10 @@ def test_groups_borrowed_from_the_reference_are_not_applicable():
 def test_partial_dropout_support_is_checked_in_full():
     """[LORA-FWD-6] dropout_position {"pre"}: a broken "post" is never drawn (passes), a broken "pre"
     fails, and its minimal example is what ran: a plain nn.Linear base at TP 1 with "pre"."""
-    good = conformance("--profile", "quick", "-k", "LORA-FWD-6", backend=f"{OUTSIDE}:PreDropoutOnlyBackend", world=2)
+    good = conformance("--profile", "quick", "-k", "LORA-FWD-6", backend=f"{OUTSIDE}:PreDropoutOnlyBackend", world=1)
     assert good.rc == 0 and not _failed(good), good.explain()
     assert {p["status"] for p in good.report["properties"]} == {"passed"}
-    bad = conformance("--profile", "quick", "-k", "LORA-FWD-6", backend=f"{OUTSIDE}:PreDropoutBrokenBackend", world=2)
+    bad = conformance("--profile", "quick", "-k", "LORA-FWD-6", backend=f"{OUTSIDE}:PreDropoutBrokenBackend", world=1)
     assert bad.rc == 1, bad.explain()
     failed = bad.props()["forward.dropout_acts_at_its_position_in_train_mode"]
     assert failed["status"] == "failed", bad.explain()
