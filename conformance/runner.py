@@ -114,17 +114,13 @@ def failure_kind(summaries) -> str:
 
 
 _KIND_ERRORS: dict[str, type] = {}
-MAX_KINDS = 4   # more distinct kinds in one property share one report (each kind costs a shrink)
+MAX_KINDS = 4   # more distinct kinds in one property share one report, "other" (each kind costs a shrink)
 
 
 def kind_error(kind: str) -> type:
     """An AssertionError subclass per failure kind: hypothesis tells bugs apart by exception type, so
     with report_multiple_bugs each kind gets its own minimal example."""
-    if kind not in _KIND_ERRORS:
-        if len(_KIND_ERRORS) >= MAX_KINDS * 64:   # bounded across a whole run
-            kind = "other"
-        _KIND_ERRORS.setdefault(kind, type("PropertyFailure", (AssertionError,), {"kind": kind}))
-    return _KIND_ERRORS[kind]
+    return _KIND_ERRORS.setdefault(kind, type("PropertyFailure", (AssertionError,), {"kind": kind}))
 
 
 def _innermost_frame(error: BaseException) -> str:
