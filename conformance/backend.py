@@ -140,6 +140,13 @@ def capability_values(capabilities) -> dict[str, frozenset | None]:
     return result
 
 
+def supports(values: dict, capability: str, value: str | None = None) -> bool:
+    """Whether `values` (capability_values' result) has `capability`, and that value of it if given."""
+    if capability not in values:
+        return False
+    return value is None or values[capability] is None or value in values[capability]
+
+
 @dataclass
 class Groups:
     """The process groups of one layout, as the backend made them."""
@@ -208,10 +215,7 @@ class Backend:
 
     def supports(self, capability: str, value: str | None = None) -> bool:
         """Whether the backend has `capability` (and, given a value, that value of it)."""
-        values = capability_values(self.capabilities)
-        if capability not in values:
-            return False
-        return value is None or values[capability] is None or value in values[capability]
+        return supports(capability_values(self.capabilities), capability, value)
 
     def describe(self) -> str:
         """One line for the report header (library versions, say)."""

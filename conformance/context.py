@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .agreement import all_gather_json
+from .backend import supports
 from .layout import TOLERANCES
 
 
@@ -44,10 +45,7 @@ class Context:
 
     def supports(self, capability: str, value: str | None = None) -> bool:
         """Whether the backend has `capability` (and that value of it): what strategies may draw."""
-        if capability not in self.capabilities:
-            return False
-        values = self.capabilities[capability]
-        return value is None or values is None or value in values
+        return supports(self.capabilities, capability, value)
 
     def supported(self, capability: str, values) -> list:
         """The values of `values` the backend supports (all of them for a capability without values)."""

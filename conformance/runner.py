@@ -170,7 +170,7 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
     budget = prop.max_examples(options.budget)
     start = time.monotonic()
     # failing: kind -> (the example as it ran, message); hypothesis replays each kind's minimal example last.
-    state = {"examples": 0, "failing": {}, "in_scope_failed": None, "in_scope_passed": None}
+    state = {"examples": 0, "failing": {}, "in_scope_failed": None, "in_scope_passed": None, "not_own": ""}
 
     def check(example: dict) -> None:
         state["examples"] += 1
@@ -180,7 +180,7 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
         try:
             spmd_call(ctx, lambda: prop.fn(ctx, backend, example))
         except NotOwnCode as error:
-            state["not_own"] = state.get("not_own") or str(error)
+            state["not_own"] = state["not_own"] or str(error)
             return
         except AssertionError as error:
             ran = as_ran(example, ctx.ran_changes)
@@ -239,7 +239,7 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
         message = failures[0]["message"]
     if scoped is not None:
         status, message, example = _scoped_verdict(scoped, status, message, example, state)
-    if status == PASS and state.get("not_own"):
+    if status == PASS and state["not_own"]:
         return Outcome(prop, NA, state["examples"], time.monotonic() - start,
                        reason=f"not the backend's own code: {state['not_own']}")
     return Outcome(prop, status, state["examples"], time.monotonic() - start, message, example,
