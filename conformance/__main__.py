@@ -34,8 +34,8 @@ from .backend import ASPECTS, Backend, capability_values, not_its_own
 from .backends.reference import ReferenceBackend
 from .context import Context
 from .layout import DTYPES
-from .registry import load_all
-from .runner import (FAIL, NA, NOT_CHECKED, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions, explicit_examples,
+from .registry import explicit_examples, load_all
+from .runner import (FAIL, NA, NOT_CHECKED, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions,
                      run_property)
 
 PROFILES = {"quick": 4, "default": 25, "thorough": 100}
@@ -189,7 +189,10 @@ def start_watchdog(limit_s: float, what: dict) -> None:
     threading.Thread(target=watch, daemon=True, name="conformance-watchdog").start()
 
 
-COVERAGE_KEYS = ("kind", "tp", "sp", "a2a", "gather_output", "input_is_parallel", "stride", "dtype", "dropout_position")
+# --coverage shows these example keys first, in this order, then every other key but sizes and seeds.
+COVERAGE_KEYS = ("kind", "tp", "sp", "a2a", "gather_output", "input_is_parallel", "stride", "dtype", "dropout_position",
+                 "ep", "etp")
+COVERAGE_HIDDEN = {"seed", "s", "b", "in", "out", "bias", "skip_bias_add", "s_per_tp", "alpha", "dim_factor"}
 
 
 def print_coverage(properties, backend, world: int, dtypes: str | None) -> int:
@@ -208,10 +211,17 @@ def print_coverage(properties, backend, world: int, dtypes: str | None) -> int:
         combos = explicit_examples(p.strategy(ctx))
         print(f"{p.id:<55} {len(combos)} always-run example(s)" + ("" if combos else " (random draws only)"))
         for combo in combos:
-            layer, rest = (combo[0], combo[1:]) if isinstance(combo, (tuple, list)) else (combo, ())
-            print("    " + " ".join([*(f"{key}={layer[key]}" for key in COVERAGE_KEYS if key in layer),
-                                     *(f"+ {value!r}" for value in rest)]))
+            print("    " + describe_combination(combo))
     return 0
+
+
+def describe_combination(combo) -> str:
+    """One always-run example in a line: the layout keys, the other choices, then the tuple's rest."""
+    first, rest = (combo[0], combo[1:]) if isinstance(combo, (tuple, list)) else (combo, ())
+    if not isinstance(first, dict):
+        first, rest = {}, (first, *rest)
+    keys = [k for k in COVERAGE_KEYS if k in first] + [k for k in first if k not in COVERAGE_KEYS + tuple(COVERAGE_HIDDEN)]
+    return " ".join([*(f"{key}={first[key]}" for key in keys), *(f"+ {value!r}" for value in rest)])
 
 
 def backend_declaration_problem(backend) -> str:

@@ -21,6 +21,7 @@ from .backend import Container, Groups, LinearSpec
 from .configs import layer_lora
 from .layout import DTYPES, Shard, example_shard, piece
 from .model_case import returned_model
+from .registry import with_explicit
 
 NAMES = {"column": "linear_qkv", "row": "linear_proj", "linear": "linear_fc1"}
 # A plain nn.Linear needs no TP group, so none is set up for it (switching layouts can be costly).
@@ -36,20 +37,7 @@ def layer_examples(ctx, kinds=("column", "row", "linear"), sp=(False, True), a2a
     kwargs = dict(kinds=kinds, sp=sp, a2a=a2a, bias=bias, dtypes=dtypes, tp=tp, dropout=dropout, alpha=alpha,
                   dim_multiple=dim_multiple, unsharded_io=unsharded_io)
     strategy = _draw_layer_example(ctx, **kwargs)
-    strategy.explicit = layer_combinations(ctx, **kwargs)
-    return strategy
-
-
-def with_explicit(strategy, explicit):
-    """`strategy` with the examples the runner always runs first (`.explicit`); returns it."""
-    strategy.explicit = list(explicit)
-    return strategy
-
-
-def paired(first, second, values):
-    """st.tuples(first, second) that always runs each of first's explicit examples with each of
-    `values` (values `second` can draw)."""
-    return with_explicit(st.tuples(first, second), [(ex, v) for ex in getattr(first, "explicit", ()) for v in values])
+    return with_explicit(strategy, layer_combinations(ctx, **kwargs))
 
 
 def layer_combinations(ctx, kinds, sp, a2a, bias, dtypes, tp, dropout, alpha, dim_multiple, unsharded_io) -> list:

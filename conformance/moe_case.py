@@ -26,6 +26,7 @@ from .configs import lora
 from .context import divisors
 from .layout import Shard, gather
 from .model_case import token_ids
+from .registry import with_explicit
 
 SHARED_SIZE = 8
 MOE_LAYER = "decoder.layers.0.mlp"
@@ -37,16 +38,26 @@ def sizes(ctx) -> dict:
     return {"heads": heads, "hidden": 4 * heads, "experts": max(4, ctx.world_size), "seq": max(4, ctx.world_size)}
 
 
-def layouts(ctx, min_ep: int = 1) -> list[tuple[int, int, int]]:
-    """Every (TP, EP, expert-TP) that divides the world (EP dividing the experts, at least min_ep)."""
+def layouts(ctx, min_ep: int = 1, min_tp: int = 1) -> list[tuple[int, int, int]]:
+    """Every (TP, EP, expert-TP) that divides the world (EP dividing the experts, at least min_ep;
+    TP at least min_tp)."""
     w, E = ctx.world_size, sizes(ctx)["experts"]
     return [(tp, ep, etp) for tp in divisors(w) for ep in divisors(w) for etp in divisors(w)
-            if w % (ep * etp) == 0 and E % ep == 0 and ep >= min_ep]
+            if w % (ep * etp) == 0 and E % ep == 0 and ep >= min_ep and tp >= min_tp]
+
+
+def moe_examples(ctx, min_ep=1, topk=(1, 2, 3), min_tp=1):
+    """MoE examples; always run: one per layout (TP, EP, expert-TP) that divides the world, the
+    options (top-k, grouped, shared adapter, shared experts) alternating over them."""
+    explicit = [{"tp": tp, "ep": ep, "etp": etp, "topk": topk[i % len(topk)], "grouped": i % 2 == 0,
+                 "share": i % 4 >= 2, "shared_experts": i % 3 == 1, "dim_factor": 1, "alpha": 8, "seed": i}
+                for i, (tp, ep, etp) in enumerate(layouts(ctx, min_ep, min_tp))]
+    return with_explicit(_draw_moe_example(ctx, min_ep, topk, min_tp), explicit)
 
 
 @st.composite
-def moe_examples(draw, ctx, min_ep=1, topk=(1, 2, 3)):
-    tp, ep, etp = draw(st.sampled_from(layouts(ctx, min_ep)))
+def _draw_moe_example(draw, ctx, min_ep, topk, min_tp):
+    tp, ep, etp = draw(st.sampled_from(layouts(ctx, min_ep, min_tp)))
     k = draw(st.sampled_from(list(topk)))
     return {"tp": tp, "ep": ep, "etp": etp, "topk": k, "grouped": draw(st.booleans()),
             "share": draw(st.booleans()), "shared_experts": draw(st.booleans()),

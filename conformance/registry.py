@@ -11,7 +11,8 @@ What a property declares besides its clauses:
   inherited or borrowed ones make it "not applicable" — a pass is the backend's own code;
 - `requires`: clauses it builds on (FORWARD_MATH for anything that runs an adapter's forward); when
   one failed earlier in the run it is "not checked", so one bug fails one clause;
-- its strategy's `.explicit`: examples always run before the random draws (layout combinations).
+- its strategy's `.explicit`: examples always run before the random draws (layout combinations);
+  they count against the property's budget, of which at least a quarter is still drawn at random.
 
 A property's id is "<section>.<function name>", its section the module it lives in:
 conformance/properties/<section>.py, one module per SPEC.md section (`SECTIONS`, in SPEC's order,
@@ -22,8 +23,11 @@ which is also the order properties run and reports list them). An example is a d
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable
+
+from hypothesis import strategies as st
 
 PROPERTIES: list["Property"] = []
 
@@ -85,6 +89,12 @@ class Property:
     def max_examples(self, budget: int) -> int:
         return max(1, round(budget * self.weight))
 
+    def random_draws(self, budget: int, always_run: int) -> int:
+        """Hypothesis draws on top of the `always_run` examples: the always-run ones count against
+        the property's budget, but at least a quarter of it is still drawn at random."""
+        share = self.max_examples(budget)
+        return max(math.ceil(share / 4), share - always_run)
+
 
 def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_world: int = 1, judges=(),
          requires=()):
@@ -105,6 +115,40 @@ def prop(*clauses: str, needs=(), strategy: Callable, weight: float = 1.0, min_w
         return fn
 
     return register
+
+
+# ---- always-run examples --------------------------------------------------------------------------
+# A strategy may carry `.explicit`: examples the runner runs first, every time, before hypothesis
+# draws (SPEC's rare layouts and cases never depend on the seed). `--coverage WORLD` lists them.
+
+def with_explicit(strategy, explicit):
+    """`strategy` with the examples the runner always runs first (`.explicit`); returns it."""
+    strategy.explicit = list(explicit)
+    return strategy
+
+
+def explicit_examples(strategy) -> list:
+    """The examples a property always runs (its strategy's `.explicit`)."""
+    return list(getattr(strategy, "explicit", ()))
+
+
+def each_of(values):
+    """st.sampled_from(values) that always runs every one of them (a short list of cases)."""
+    return with_explicit(st.sampled_from(list(values)), values)
+
+
+def paired(first, second, values):
+    """st.tuples(first, second) that always runs each of first's explicit examples with each of
+    `values` (values `second` can draw)."""
+    return with_explicit(st.tuples(first, second), [(ex, v) for ex in explicit_examples(first) for v in values])
+
+
+def tupled(first, *others, always):
+    """st.tuples(first, *others) that always runs each of first's explicit examples, the i-th with
+    the rest taken from always[i % len(always)] (tuples of values `others` can draw), so the fixed
+    choices vary over the combinations without multiplying them."""
+    return with_explicit(st.tuples(first, *others),
+                         [(ex, *always[i % len(always)]) for i, ex in enumerate(explicit_examples(first))])
 
 
 def load_all() -> list[Property]:

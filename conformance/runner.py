@@ -29,7 +29,7 @@ from reference.parallel import destroy_model_parallel
 
 from .agreement import all_gather_json
 from .context import NotOwnCode
-from .registry import Property
+from .registry import Property, explicit_examples
 
 # Shrinking must stop at the same point on every rank: by count (MAX_SHRINKS), never by wall clock.
 _hypothesis_engine.MAX_SHRINKING_SECONDS = 10**9
@@ -167,14 +167,15 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
 
     scoped: a declared deviation with a scope (conformance/declared.py): examples inside it must
     fail (their failures are recorded, not raised), examples outside it must pass."""
-    budget = prop.max_examples(options.budget)
+    budget = prop.max_examples(options.budget)     # until the strategy is built: then always-run + draws
     start = time.monotonic()
     # failing: kind -> (the example as it ran, message); hypothesis replays each kind's minimal example last.
-    state = {"examples": 0, "failing": {}, "in_scope_failed": None, "in_scope_passed": None, "not_own": ""}
+    state = {"examples": 0, "budget": budget, "failing": {}, "in_scope_failed": None, "in_scope_passed": None,
+             "not_own": ""}
 
     def check(example: dict) -> None:
         state["examples"] += 1
-        progress.tick(prop, state["examples"], budget, start)
+        progress.tick(prop, state["examples"], state["budget"], start)
         inside = scoped is not None and scoped.in_scope(example, ctx.world_size)   # the same on every rank
         ctx.ran_changes = {}
         try:
@@ -201,10 +202,13 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
             check(replay)
         else:
             strategy = prop.strategy(ctx)
+            explicit = explicit_examples(strategy)
+            draws = prop.random_draws(options.budget, len(explicit))
+            state["budget"] = len(explicit) + draws
             test = given(strategy)(check)
-            for explicit in reversed(explicit_examples(strategy)):     # always run, before the draws
-                test = always_run(explicit)(test)
-            test = settings(max_examples=budget, derandomize=False, database=None, deadline=None,
+            for example in reversed(explicit):     # always run, before the draws
+                test = always_run(example)(test)
+            test = settings(max_examples=draws, derandomize=False, database=None, deadline=None,
                             suppress_health_check=list(HealthCheck), print_blob=False,
                             phases=[Phase.explicit, Phase.generate, Phase.shrink], report_multiple_bugs=True,
                             verbosity=Verbosity.quiet)(test)
@@ -246,11 +250,6 @@ def run_property(prop: Property, ctx, backend, options: RunOptions, progress: Pr
                    reproduce=reproduce_command(options, prop, example)
                    if status == FAIL or (status in (XFAIL, XPASS) and example is not None) else "",
                    failures=failures if status == FAIL and len(failures) > 1 else [])
-
-
-def explicit_examples(strategy) -> list:
-    """The examples a property always runs (a strategy's `.explicit`, see layer_case.layer_examples)."""
-    return list(getattr(strategy, "explicit", ()))
 
 
 def as_ran(example, changes: dict):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from ..configs import SPEC_DEFAULTS, RawLoRAConfig, lora
 from ..layer_case import NAMES
 from ..layout import DTYPES
-from ..registry import prop
+from ..registry import each_of, prop, with_explicit
 
 # Valid non-default values per field, and the capability a backend needs to accept them.
 CHOICES = {
@@ -43,8 +43,10 @@ def _supported(ctx, field: str, value) -> bool:
 def _override_examples(ctx):
     """Overrides of the supported values only, so that the example shown is the config that was built."""
     choices = {field: [v for v in values if _supported(ctx, field, v)] for field, (_, values) in CHOICES.items()}
-    return st.fixed_dictionaries({}, optional={field: st.sampled_from(values) for field, values in choices.items()
-                                               if values})
+    every_field = {field: values[-1] for field, values in choices.items() if values}
+    return with_explicit(st.fixed_dictionaries({}, optional={field: st.sampled_from(values)
+                                                             for field, values in choices.items() if values}),
+                         [{}, every_field])     # always: every default, and every field overridden
 
 
 def _same(got, want) -> bool:
@@ -91,10 +93,15 @@ BAD_VALUES = [
 ]
 
 
+def _bad_value_examples(ctx):
+    """Always run: every bad value of a field the backend validates."""
+    cases = [{"case": i, "field": f, "value": repr(v)} for i, (f, v, _) in enumerate(BAD_VALUES)
+             if ctx.supports("config_validation", f)]
+    return each_of(cases)
+
+
 @prop("LORA-CFG-2", needs={"config_validation"}, weight=2,
-      strategy=lambda ctx: st.sampled_from([{"case": i, "field": f, "value": repr(v)}
-                                            for i, (f, v, _) in enumerate(BAD_VALUES)
-                                            if ctx.supports("config_validation", f)]))
+      strategy=lambda ctx: _bad_value_examples(ctx))
 def bad_config_values_raise_naming_the_field(ctx, backend, ex):
     """Each bad value raises (ValueError, or TypeError for patterns and flags of the wrong type) when
     the config is built or validated, with a message naming the field."""
@@ -114,9 +121,10 @@ def bad_config_values_raise_naming_the_field(ctx, backend, ex):
 
 
 @prop("LORA-CFG-3", needs={"config_validation"},
-      strategy=lambda ctx: st.tuples(st.lists(st.sampled_from([*NAMES.values(), "*.layers.1.*"]), max_size=2),
-                                     st.lists(st.sampled_from(["linear_fc2", "output_layer", "*.mlp.*"]),
-                                              max_size=2)))
+      strategy=lambda ctx: with_explicit(
+          st.tuples(st.lists(st.sampled_from([*NAMES.values(), "*.layers.1.*"]), max_size=2),
+                    st.lists(st.sampled_from(["linear_fc2", "output_layer", "*.mlp.*"]), max_size=2)),
+          [([], []), (["linear_qkv"], []), ([], ["*.mlp.*"]), (["linear_qkv"], ["linear_fc2"])]))
 def target_and_exclude_are_exclusive(ctx, backend, drawn):
     """Non-empty target_modules and exclude_modules together raise a ValueError at construction;
     either alone (exclude mode: target_modules=[]) is accepted."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..layer_case import build, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece, paired, run
+from ..layer_case import build, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece, run
 from ..layout import DTYPES, example_shard
-from ..registry import FORWARD_MATH, prop
+from ..registry import FORWARD_MATH, paired, prop
 
 # Reduced dtypes first: hypothesis starts from the first choice, and they are the telling case.
 LORA_DTYPES = ["bfloat16", "float16", None, "float32"]

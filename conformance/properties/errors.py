@@ -12,13 +12,29 @@ from hypothesis import strategies as st
 from ..configs import layer_lora
 from ..context import check_group_in_step, raises_everywhere
 from ..layer_case import NAMES, build_base, plain_example
-from ..registry import prop
+from ..registry import prop, with_explicit
+
+
+CASES = ("column_dim", "row_out", "config")
+
+
+def _error_examples(ctx):
+    """Always run: each case at each TP > 1, with bias, in = out = dim = t (+ 1 where it must not divide)."""
+    explicit = []
+    for t in [t for t in ctx.tp_sizes if t > 1]:
+        for case in CASES:
+            ex = plain_example(kind="row" if case == "row_out" else "column", tp=t, bias=True, s=t, alpha=8, seed=0,
+                               case=case, dim=t, **{"in": t, "out": t})
+            ex["dim"] += case == "column_dim"
+            ex["out"] += case == "row_out"
+            explicit.append(ex)
+    return with_explicit(_draw_error_example(ctx), explicit)
 
 
 @st.composite
-def _error_examples(draw, ctx):
+def _draw_error_example(draw, ctx):
     t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
-    case = draw(st.sampled_from(["column_dim", "row_out", "config"]))
+    case = draw(st.sampled_from(CASES))
     kind = "row" if case == "row_out" else "column"
     ex = plain_example(kind=kind, tp=t, bias=draw(st.booleans()), s=t, alpha=8, seed=draw(st.integers(0, 2**16)),
                        case=case, dim=t * draw(st.integers(1, 3)),

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from ..collectives_counter import counting
 from ..layer_case import (build, build_base, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece,
-                          run, term_sizes, with_explicit)
+                          run, term_sizes)
 from ..layout import example_shard, gather
-from ..registry import FORWARD_MATH, prop
+from ..registry import FORWARD_MATH, prop, with_explicit
 
 
 def _check_forward(ctx, backend, ex, what, fit_scale=True, **lora_overrides):
@@ -204,10 +204,14 @@ def _round_up(value: int, multiple: int) -> int:
     return multiple * math.ceil(value / multiple)
 
 
-@st.composite
-def dropout_examples(draw, ctx):
-    kinds = ("column", "row", "linear")
-    ex = draw(layer_examples(ctx, kinds=kinds, dtypes=("float32",), dropout=True))
+def dropout_examples(ctx):
+    """Layer examples with dropout, sized so that dropout can be seen; always run: every layout with
+    each supported dropout position."""
+    layers = layer_examples(ctx, kinds=("column", "row", "linear"), dtypes=("float32",), dropout=True)
+    return with_explicit(layers.map(_dropout_sizes), [_dropout_sizes(dict(ex)) for ex in layers.explicit])
+
+
+def _dropout_sizes(ex: dict) -> dict:
     t, stride = ex["tp"], ex["stride"]
     tokens = ex["s"] * ex["b"]
     block = t * stride

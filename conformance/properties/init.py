@@ -12,7 +12,7 @@ from ..model_case import returned_model
 from ..configs import lora
 from ..layer_case import add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples, run
 from ..layout import example_shard, gather
-from ..registry import FORWARD_MATH, prop
+from ..registry import FORWARD_MATH, prop, tupled, with_explicit
 
 METHODS = ["xavier", "kaiming", "normal", "zero"]
 
@@ -89,8 +89,10 @@ def _check_methods(ctx, backend, kind: str, t: int, shift: int, seed: int) -> No
 
 
 @prop("LORA-INIT-1", needs={"init_methods", "tp"}, weight=0.5,
-      strategy=lambda ctx: st.fixed_dictionaries({"kind": st.sampled_from(["column", "row"]),
-                                                  "shift": st.integers(0, 3), "seed": st.integers(0, 2**16)}))
+      strategy=lambda ctx: with_explicit(
+          st.fixed_dictionaries({"kind": st.sampled_from(["column", "row"]), "shift": st.integers(0, 3),
+                                 "seed": st.integers(0, 2**16)}),
+          [{"kind": "column", "shift": 0, "seed": 0}, {"kind": "row", "shift": 1, "seed": 1}]))
 def init_methods_draw_the_full_matrix_distribution(ctx, backend, drawn):
     """At TP = world, each method gives the full A (d x in) and B (out x d) its distribution, with
     the fans of the full matrix: xavier normal, kaiming uniform 1/sqrt(fan_in), normal 0.2, zero."""
@@ -98,7 +100,9 @@ def init_methods_draw_the_full_matrix_distribution(ctx, backend, drawn):
 
 
 @prop("LORA-INIT-1", needs={"init_methods", "linear"}, weight=0.5,
-      strategy=lambda ctx: st.fixed_dictionaries({"shift": st.integers(0, 3), "seed": st.integers(0, 2**16)}))
+      strategy=lambda ctx: with_explicit(
+          st.fixed_dictionaries({"shift": st.integers(0, 3), "seed": st.integers(0, 2**16)}),
+          [{"shift": 0, "seed": 0}]))
 def init_methods_on_plain_linear_bases(ctx, backend, drawn):
     """A plain nn.Linear base's adapter: each method gives A and B their distribution, the same
     methods as on parallel bases (xavier normal, kaiming uniform 1/sqrt(fan_in), normal 0.2, zero)."""
@@ -106,10 +110,11 @@ def init_methods_on_plain_linear_bases(ctx, backend, drawn):
 
 
 @prop("LORA-INIT-2", needs={"relayout", "tp"}, min_world=2,
-      strategy=lambda ctx: st.tuples(layer_examples(ctx, kinds=("column", "row"), sp=(False,), a2a=(False,),
-                                                    dtypes=("float32",), tp=[t for t in ctx.tp_sizes if t > 1]),
-                                     st.sampled_from(["xavier", "kaiming", "normal"]),
-                                     st.sampled_from(["xavier", "kaiming", "normal"])))
+      strategy=lambda ctx: tupled(layer_examples(ctx, kinds=("column", "row"), sp=(False,), a2a=(False,),
+                                                 dtypes=("float32",), tp=[t for t in ctx.tp_sizes if t > 1]),
+                                  st.sampled_from(["xavier", "kaiming", "normal"]),
+                                  st.sampled_from(["xavier", "kaiming", "normal"]),
+                                  always=[("xavier", "normal"), ("kaiming", "xavier"), ("normal", "kaiming")]))
 def same_seed_gives_the_same_full_adapter_at_every_tp(ctx, backend, drawn):
     """With the same torch.manual_seed before apply_lora, the gathered A and B at TP t equal those
     at TP 1 (a known Megatron-Bridge deviation: it initializes each shard on its own)."""
@@ -156,9 +161,11 @@ def zero_B_leaves_the_layer_unchanged(ctx, backend, ex):
 
 @prop("LORA-INIT-3", needs={"models"}, weight=0.5,
       requires=FORWARD_MATH,
-      strategy=lambda ctx: st.fixed_dictionaries({"tp": st.sampled_from(ctx.tp_sizes), "sp": st.booleans(),
-                                                  "gated": st.booleans(), "seed": st.integers(0, 2**16),
-                                                  "b": st.integers(1, 2), "s_per_tp": st.integers(1, 3)}))
+      strategy=lambda ctx: with_explicit(
+          st.fixed_dictionaries({"tp": st.sampled_from(ctx.tp_sizes), "sp": st.booleans(), "gated": st.booleans(),
+                                 "seed": st.integers(0, 2**16), "b": st.integers(1, 2), "s_per_tp": st.integers(1, 3)}),
+          [{"tp": t, "sp": sp, "gated": sp, "seed": 0, "b": 1, "s_per_tp": 1}
+           for t in ctx.tp_sizes for sp in ((False, True) if t > 1 else (False,))]))
 def zero_B_leaves_tiny_gpt_unchanged(ctx, backend, ex):
     """TinyGPT's logits with default-initialized LoRA on every default target equal those without."""
     t, sp = fit_layout(ctx, backend, ex)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backend import Container, LinearSpec, ModelSpec
 from ..configs import lora
-from ..layer_case import fit_layout, with_explicit
+from ..layer_case import fit_layout
 from ..model_case import (
     DEFAULT_TARGETS,
     adapter_parameter_names,
@@ -33,7 +33,7 @@ from ..model_case import (
     plans,
     token_ids,
 )
-from ..registry import FORWARD_MATH, prop
+from ..registry import FORWARD_MATH, prop, with_explicit
 
 TARGET_SETS = [DEFAULT_TARGETS, ["linear_qkv"], ["linear_proj", "linear_fc2"], [*DEFAULT_TARGETS, "output_layer"],
                ["linear_fc1", "output_layer"]]
@@ -191,13 +191,17 @@ INJ4_PATTERNS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "{pare
 
 @prop("LORA-INJ-4", needs={"models"},
       requires=("LORA-INJ-3",),
-      strategy=lambda ctx: st.fixed_dictionaries({
+      strategy=lambda ctx: with_explicit(st.fixed_dictionaries({
           "kind": st.sampled_from(["column", "row", "linear"]),
           "name": st.sampled_from(DEFAULT_TARGETS),
           "parent": st.sampled_from(["self_attention", "mlp"]),
           "pattern": st.sampled_from(INJ4_PATTERNS),
           "chunks": st.integers(1, 2),
-          "seed": st.integers(0, 2**16)}))
+          "seed": st.integers(0, 2**16)}),
+          # Always: each base kind, selected by its name, by a wildcard, and not selected; one chunk list.
+          [{"kind": kind, "name": "linear_fc1", "parent": "mlp", "pattern": pattern, "chunks": chunks, "seed": 0}
+           for kind in ("column", "row", "linear")
+           for pattern, chunks in (("linear_fc1", 1), ("{parent}.*", 2), ("self_attention.*", 1))]))
 def transform_wraps_a_selected_module_only(ctx, backend, ex):
     """A lone base layer named by its parent and attribute name is wrapped iff a pattern selects it;
     an unselected one is left as it is; a wrapper is left as it is on a second apply; a list of
@@ -314,9 +318,11 @@ def _adapted_with_weights(ctx, backend, ex):
     return spec, model, ids, base_logits, base_state
 
 
-@st.composite
-def _with_dropout(draw, ctx, rates=(0.0, 0.5)):
-    return {**draw(model_examples(ctx)), "dropout": draw(st.sampled_from(rates))}
+def _with_dropout(ctx, rates=(0.0, 0.5)):
+    """Model examples with a dropout rate; always run: model_examples' with each rate."""
+    models = model_examples(ctx)
+    return with_explicit(st.tuples(models, st.sampled_from(rates)).map(lambda drawn: {**drawn[0], "dropout": drawn[1]}),
+                         [{**ex, "dropout": rate} for ex in models.explicit for rate in rates])
 
 
 @prop("LORA-INJ-6", needs={"models", "disable_adapters"}, judges=("set_adapters_enabled",), weight=0.5, requires=FORWARD_MATH,

@@ -20,7 +20,7 @@ from ..model_case import (
     linear_candidates,
     unmatched_targets,
 )
-from ..registry import prop
+from ..registry import prop, with_explicit
 
 SHORT_NAMES = [*DEFAULT_TARGETS, "output_layer"]
 # Wildcard templates ({i}: a layer index). With at most 10 layers every index is one digit, so a
@@ -73,7 +73,8 @@ def _fill(template: str, i: int, n: int) -> str:
 
 
 @prop("LORA-MATCH-1", needs={"models"},
-      strategy=lambda ctx: st.fixed_dictionaries({"num_layers": st.integers(1, 12)}))
+      strategy=lambda ctx: with_explicit(st.fixed_dictionaries({"num_layers": st.integers(1, 12)}),
+                                         [{"num_layers": 1}, {"num_layers": 12}]))
 def full_names_are_dotted_module_paths(ctx, backend, ex):
     """Default targets: the adapted modules' full names are the dotted paths of named_modules()."""
     model, candidates = _model(backend, ex["num_layers"])
@@ -87,11 +88,12 @@ def full_names_are_dotted_module_paths(ctx, backend, ex):
 
 
 @prop("LORA-MATCH-2", needs={"models"},
-      strategy=lambda ctx: st.fixed_dictionaries({
+      strategy=lambda ctx: with_explicit(st.fixed_dictionaries({
           "num_layers": st.integers(1, 4),
           "targets": st.lists(st.sampled_from(SHORT_NAMES), min_size=1, max_size=5, unique=True),
           "overlap": st.lists(st.sampled_from(["*", "*.linear_qkv", "*.mlp.*", "decoder.*"]), max_size=2, unique=True),
-      }))
+      }), [{"num_layers": 2, "targets": SHORT_NAMES, "overlap": []},
+           {"num_layers": 1, "targets": ["linear_qkv"], "overlap": ["*", "*.linear_qkv"]}]))
 def short_names_select_exactly_and_once(ctx, backend, ex):
     """Short names select exactly the modules of that attribute name; a module matched by several
     patterns (the first one wins) is wrapped once."""
@@ -104,11 +106,12 @@ def short_names_select_exactly_and_once(ctx, backend, ex):
 
 
 @prop("LORA-MATCH-3", needs={"models"},
-      strategy=lambda ctx: st.integers(2, 10).flatmap(lambda n: st.fixed_dictionaries({
+      strategy=lambda ctx: with_explicit(st.integers(2, 10).flatmap(lambda n: st.fixed_dictionaries({
           "num_layers": st.just(n),
           "probe": st.tuples(st.sampled_from(PROBES), st.integers(0, n - 1)),
           "patterns": st.lists(st.tuples(st.sampled_from(TEMPLATES), st.integers(0, n - 1)), min_size=1, max_size=3),
-      })))
+      })), [{"num_layers": 2, "probe": (probe, 1), "patterns": [(TEMPLATES[i % len(TEMPLATES)], 0)]}   # each probe
+            for i, probe in enumerate(PROBES)]))
 def wildcard_patterns_match_whole_names(ctx, backend, ex):
     """`*` is any run of characters (dots included); the pattern must match the whole full name."""
     model, candidates = _model(backend, ex["num_layers"])
@@ -117,12 +120,15 @@ def wildcard_patterns_match_whole_names(ctx, backend, ex):
     _compare(ctx, got, expected_selection(candidates, targets), f"target_modules={targets}")
 
 
+DOT_PATTERNS = ["*.layers.1.*.linear_fc1", "decoder.layers.1.*.linear_qkv", "*.layers.1.*", "decoder.layers.1.*",
+                "*.1.*", "*.layers.1.self_attention.*"]
+
+
 @prop("LORA-MATCH-3", needs={"models"}, weight=0.5,
-      strategy=lambda ctx: st.fixed_dictionaries({
+      strategy=lambda ctx: with_explicit(st.fixed_dictionaries({
           # Patterns that reach only linear modules come first: a failing backend then shrinks to one
           # that shows the dots, not a failure on a non-linear module ([LORA-MATCH-2]'s business).
-          "pattern": st.sampled_from(["*.layers.1.*.linear_fc1", "decoder.layers.1.*.linear_qkv", "*.layers.1.*",
-                                      "decoder.layers.1.*", "*.1.*", "*.layers.1.self_attention.*"])}))
+          "pattern": st.sampled_from(DOT_PATTERNS)}), [{"pattern": p} for p in DOT_PATTERNS]))
 def wildcard_dots_are_literal(ctx, backend, ex):
     """Decision: dots are literal, so `*.layers.1.*` selects layer 1 and not layers 10 and 11
     (Megatron-Bridge's unescaped regex lets `.` match any character)."""
@@ -135,12 +141,13 @@ def wildcard_dots_are_literal(ctx, backend, ex):
 
 
 @prop("LORA-MATCH-4", needs={"models"},
-      strategy=lambda ctx: st.integers(1, 4).flatmap(lambda n: st.fixed_dictionaries({
+      strategy=lambda ctx: with_explicit(st.integers(1, 4).flatmap(lambda n: st.fixed_dictionaries({
           "num_layers": st.just(n),
           "excludes": st.lists(st.one_of(st.tuples(st.sampled_from(SHORT_NAMES), st.just(0)),
                                          st.tuples(st.sampled_from(TEMPLATES[:-1] + PROBES), st.integers(0, n - 1))),
                                max_size=3),
-      })))
+      })), [{"num_layers": 2, "excludes": []},
+            {"num_layers": 2, "excludes": [("linear_qkv", 0), ("*.layers.{i}.*", 1), ("*.linear_fc", 0)]}]))
 def exclude_mode_adapts_every_other_linear(ctx, backend, ex):
     """target_modules=[]: every linear-like module except those an exclude pattern matches."""
     model, candidates = _model(backend, ex["num_layers"])
@@ -150,11 +157,14 @@ def exclude_mode_adapts_every_other_linear(ctx, backend, ex):
 
 
 @prop("LORA-MATCH-5", needs={"models"},
-      strategy=lambda ctx: st.fixed_dictionaries({
+      strategy=lambda ctx: with_explicit(st.fixed_dictionaries({
           "num_layers": st.integers(1, 3),
           "matched": st.lists(st.sampled_from(SHORT_NAMES + ["*.linear_qkv"]), max_size=2, unique=True),
           "unmatched": st.lists(st.sampled_from(UNMATCHED), max_size=3, unique=True),
-      }).filter(lambda ex: ex["matched"] or ex["unmatched"]))
+      }).filter(lambda ex: ex["matched"] or ex["unmatched"]),
+          [{"num_layers": 1, "matched": ["linear_qkv", "*.linear_qkv"], "unmatched": []},
+           {"num_layers": 2, "matched": [], "unmatched": UNMATCHED[:3]},
+           {"num_layers": 1, "matched": ["linear_fc1"], "unmatched": UNMATCHED[3:]}]))
 def unmatched_targets_warn(ctx, backend, ex):
     """Target patterns that select nothing are listed in exactly one UserWarning (none when all match)."""
     backend.init_parallel(1)
@@ -218,10 +228,9 @@ def grammar_pattern(ex: dict) -> str:
 
 def _grammar_examples(transforms):
     explicit = [{"transform": t, "layer": 1, "module": "mlp.linear_fc1"} for t in transforms]   # layer 1: 10, 11 too
-    strategy = st.fixed_dictionaries({"transform": st.sampled_from(list(transforms)),
-                                      "layer": st.integers(0, GRAMMAR_LAYERS - 1), "module": st.sampled_from(MODULES)})
-    strategy.explicit = explicit
-    return strategy
+    return with_explicit(st.fixed_dictionaries({"transform": st.sampled_from(list(transforms)),
+                                                 "layer": st.integers(0, GRAMMAR_LAYERS - 1),
+                                                 "module": st.sampled_from(MODULES)}), explicit)
 
 
 def _check_grammar(ctx, backend, ex):

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from ..backend import ModelSpec
 from ..context import check_group_in_step, raises_everywhere
 from ..configs import lora
-from ..layer_case import build, fit_layout, paired, with_explicit
+from ..layer_case import build, fit_layout
 from ..layout import DTYPES, piece, shard_of
 from ..model_case import load_model_adapters, plans, returned_model
-from ..registry import FORWARD_MATH, prop
+from ..registry import FORWARD_MATH, paired, prop, with_explicit
 
 TENSOR_OF = {"W": "weight", "A": "A", "B": "B"}
 BAD_SHAPES = ["A_in", "B_rank", "dim"]

@@ -30,7 +30,7 @@ from ..model_case import (
 )
 from ..moe_case import (MOE_LAYER, block_tokens, build_moe, dense_moe_output, describe_layout, expert_base_weights,
                         forward_logits, layouts, moe_examples, moe_layer_observed, moe_lora, moe_spec, sizes)
-from ..registry import FORWARD_MATH, prop
+from ..registry import FORWARD_MATH, explicit_examples, prop, tupled, with_explicit
 
 NEEDS = {"models", "moe"}
 ALL_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router"]
@@ -51,7 +51,8 @@ def _replicas(ctx, t: torch.Tensor, group) -> list[torch.Tensor]:
 # ---- [MOE-LAYER-1] [MOE-INIT-1] --------------------------------------------------------------------------
 
 @prop("MOE-LAYER-1", "MOE-INIT-1", needs=NEEDS | {"relayout"}, weight=0.5,
-      strategy=lambda ctx: st.tuples(moe_examples(ctx), st.booleans(), st.booleans()))
+      strategy=lambda ctx: tupled(moe_examples(ctx), st.booleans(), st.booleans(),
+                                  always=[(False, False), (True, True), (True, False), (False, True)]))
 def moe_logits_are_the_same_at_every_layout(ctx, backend, drawn):
     """One seed gives the same logits at every (TP, EP, expert-TP), grouped or sequential, gated or not."""
     ex, baseline_grouped, gated = drawn
@@ -65,7 +66,7 @@ def moe_logits_are_the_same_at_every_layout(ctx, backend, drawn):
 
 
 @prop("MOE-LAYER-1", needs=NEEDS, min_world=2, weight=0.25,
-      strategy=lambda ctx: moe_examples(ctx).filter(lambda ex: ex["tp"] > 1))
+      strategy=lambda ctx: moe_examples(ctx, min_tp=2))
 def moe_needs_sequence_parallelism_at_tp(ctx, backend, ex):
     """A MoE model with TP > 1 and sequence_parallel=False raises ValueError on every rank."""
     backend.init_parallel(ex["tp"], ex["ep"], ex["etp"])
@@ -82,10 +83,22 @@ def moe_needs_sequence_parallelism_at_tp(ctx, backend, ex):
 
 # ---- [MOE-MATCH-1] [MOE-RANK-1] [MOE-RANK-2] ------------------------------------------------------------
 
-@st.composite
-def rank_examples(draw, ctx):
+def rank_examples(ctx):
     """Half the examples are the case the rounding is for: normalize_moe_lora at expert TP > 1 with
-    dim // topk not a multiple of it (where the world allows one)."""
+    dim // topk not a multiple of it (where the world allows one). Always run: every layout with
+    normalize_moe_lora (rounding where expert TP > 1), and the first without it."""
+    explicit = []
+    for i, ex in enumerate(explicit_examples(moe_examples(ctx, topk=(2, 3)))):
+        unit = math.lcm(ex["tp"], ex["topk"])
+        dims = [unit * f for f in range(1, 2 * ex["etp"] + 1)]
+        explicit.append(dict(ex, normalize=True, dim=next((d for d in dims if (d // ex["topk"]) % ex["etp"]), unit)))
+        if i == 0:
+            explicit.append(dict(ex, normalize=False, dim=math.lcm(ex["tp"], ex["etp"])))
+    return with_explicit(_draw_rank_example(ctx), explicit)
+
+
+@st.composite
+def _draw_rank_example(draw, ctx):
     ex = draw(moe_examples(ctx))
     rounding_layouts = [lay for lay in layouts(ctx) if lay[2] > 1]
     if rounding_layouts and draw(st.booleans()):
@@ -138,7 +151,7 @@ def expert_linears_are_found_by_name(ctx, backend, ex):
 
 
 @prop("MOE-RANK-2", "LORA-ERR-1", needs=NEEDS, weight=0.25, requires=("MOE-RANK-1",),
-      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(2, 3)), st.integers(1, 2)))
+      strategy=lambda ctx: tupled(moe_examples(ctx, topk=(2, 3)), st.integers(1, 2), always=[(1,), (2,)]))
 def rank_not_divisible_by_topk_raises(ctx, backend, drawn):
     """normalize_moe_lora with dim % topk != 0 raises ValueError naming an expert module, on every rank."""
     ex, remainder = drawn
@@ -210,7 +223,7 @@ def _capture(module, store):
 
 @prop("MOE-SHARE-2", needs=NEEDS, weight=0.25,
       requires=FORWARD_MATH,
-      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.integers(0, 63)))
+      strategy=lambda ctx: tupled(moe_examples(ctx, topk=(1, 2)), st.integers(0, 63), always=[(0,), (5,), (2,)]))
 def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
     """share_expert_adapters=False: a grouped module's adapters are stacked per local expert, and the
     adapter of an expert that no token is routed to gets zero gradient (the others do get one)."""
@@ -277,8 +290,10 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
 
 @prop("MOE-FWD-1", "MOE-SHARE-2", needs=NEEDS | {"relayout"}, weight=0.25,
       requires=FORWARD_MATH,
-      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans(), st.booleans(),
-                                     st.lists(st.sampled_from(["linear_qkv", "linear_proj", "router"]), unique=True)))
+      strategy=lambda ctx: tupled(moe_examples(ctx, topk=(1, 2)), st.booleans(), st.booleans(),
+                                  st.lists(st.sampled_from(["linear_qkv", "linear_proj", "router"]), unique=True),
+                                  always=[(False, True, ["router"]), (True, False, []),
+                                          (False, False, ["linear_qkv", "linear_proj"])]))
 def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
     """With the same full A and B in every adapter (per expert, or shared), the adapted MoE model gives the
     same logits at every layout as at (1, 1, 1); per-expert grouped adapters equal sequential experts'."""
@@ -301,7 +316,8 @@ def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
 
 
 @prop("MOE-ROUTER-1", needs=NEEDS, weight=0.5, requires=FORWARD_MATH,
-      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2, 3)), st.sampled_from([2, 4, 8])))
+      strategy=lambda ctx: tupled(moe_examples(ctx, topk=(1, 2, 3)), st.sampled_from([2, 4, 8]),
+                                  always=[(2,), (4,), (8,)]))
 def router_adapter_adds_to_the_logits(ctx, backend, drawn):
     """A targeted router routes by top-k softmax of x (W + (alpha/dim) B A)^T; under SP its adapter's
     gradient, partial per TP rank, is the TP group's sum after finalize_grads."""
@@ -414,7 +430,7 @@ def _check_against_dense_math(ctx, backend, ex, dim, gated, what, **config):
 
 
 def _dense_examples(ctx, min_ep=1):
-    return st.tuples(moe_examples(ctx, topk=(1, 2), min_ep=min_ep), st.booleans())
+    return tupled(moe_examples(ctx, topk=(1, 2), min_ep=min_ep), st.booleans(), always=[(False,), (True,)])
 
 
 @prop("MOE-FWD-1", needs=NEEDS, weight=0.25, requires=FORWARD_MATH,
@@ -438,7 +454,7 @@ def shared_expert_adapter_matches_dense_math(ctx, backend, drawn):
 
 
 @prop("MOE-RANK-1", needs=NEEDS, weight=0.25, requires=FORWARD_MATH,
-      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(2, 3)), st.booleans()))
+      strategy=lambda ctx: tupled(moe_examples(ctx, topk=(2, 3)), st.booleans(), always=[(False,), (True,)]))
 def normalized_expert_ranks_scale_by_alpha_over_rank(ctx, backend, drawn):
     """normalize_moe_lora: expert adapters of rank dim // k (fc1 rounded up to expert TP) scale by
     alpha / that rank: the output and gradients equal dense float64 math with it."""
@@ -451,7 +467,7 @@ def normalized_expert_ranks_scale_by_alpha_over_rank(ctx, backend, drawn):
 # ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
 
 @prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25, requires=FORWARD_MATH,
-      strategy=lambda ctx: st.tuples(moe_examples(ctx, topk=(1, 2)), st.booleans()))
+      strategy=lambda ctx: tupled(moe_examples(ctx, topk=(1, 2)), st.booleans(), always=[(True,), (False,)]))
 def shared_outer_loras_match_dense_math(ctx, backend, drawn):
     """experts_shared_outer_loras on grouped experts: fc1's A and fc2's B are one tensor for all experts,
     fc1's B_e and fc2's A_e stacked per local expert (SPEC shards over expert TP, whatever

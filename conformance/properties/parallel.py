@@ -10,10 +10,10 @@ from reference.parallel import made_here
 
 from ..backend import ModelSpec
 from ..context import NotOwnCode, check_group_in_step, divisors, raises_everywhere
-from ..layer_case import build, build_base, layer_examples, local_piece, plain_example, run, with_explicit
+from ..layer_case import build, build_base, layer_examples, local_piece, plain_example, run
 from ..layout import WHOLE, example_shard, gather
 from ..model_case import base_shard
-from ..registry import prop
+from ..registry import each_of, prop, with_explicit
 
 
 def _where(ex: dict) -> str:
@@ -130,7 +130,8 @@ def _own_groups(backend, groups) -> None:
         raise NotOwnCode("init_parallel: its groups are reference.parallel's")
 
 
-@prop("TP-GROUP-1", judges=("init_parallel",), strategy=lambda ctx: st.sampled_from(_layouts(ctx.world_size)))
+@prop("TP-GROUP-1", judges=("init_parallel",),
+      strategy=lambda ctx: each_of(_layouts(ctx.world_size)))
 def groups_have_the_spec_layout(ctx, backend, ex):
     """TP groups are blocks of t consecutive ranks; expert-TP varies fastest, then EP; groups are reused."""
     rank, tp = ctx.rank, ex["tp"]
@@ -162,7 +163,7 @@ def groups_have_the_spec_layout(ctx, backend, ex):
 
 
 @prop("TP-GROUP-1", "TP-ERR-1", needs={"tp"}, judges=("init_parallel",),
-      strategy=lambda ctx: st.sampled_from([t for t in range(2, 4 * ctx.world_size + 2) if ctx.world_size % t][:4]))
+      strategy=lambda ctx: each_of([t for t in range(2, 4 * ctx.world_size + 2) if ctx.world_size % t][:4]))
 def bad_parallel_sizes_raise(ctx, backend, tp):
     """init_parallel with a TP size that does not divide the world raises ValueError naming it."""
     _own_groups(backend, backend.init_parallel(1))
@@ -171,10 +172,13 @@ def bad_parallel_sizes_raise(ctx, backend, tp):
                       mentions=("tensor_model_parallel_size", "tensor parallel", "tp"))
 
 
+BAD_LAYER_CASES = ("column_out", "row_in", "column_input_shape", "row_input_shape")
+
+
 @st.composite
-def _bad_layer_examples(draw, ctx):
+def _draw_bad_layer_example(draw, ctx):
     t = draw(st.sampled_from([t for t in ctx.tp_sizes if t > 1]))
-    case = draw(st.sampled_from(["column_out", "row_in", "column_input_shape", "row_input_shape"]))
+    case = draw(st.sampled_from(BAD_LAYER_CASES))
     ex = plain_example(kind=case.split("_")[0], tp=t, bias=draw(st.booleans()), s=t, dim=t,
                        seed=draw(st.integers(0, 2**16)), case=case,
                        **{"in": t * draw(st.integers(1, 3)), "out": t * draw(st.integers(1, 3))})
@@ -183,6 +187,19 @@ def _bad_layer_examples(draw, ctx):
     if case == "row_in":
         ex["in"] += draw(st.integers(1, t - 1))
     return ex
+
+
+def _bad_layer_examples(ctx):
+    """Always run: each case at each TP > 1 (the size off by one where it must divide)."""
+    explicit = []
+    for t in [t for t in ctx.tp_sizes if t > 1]:
+        for case in BAD_LAYER_CASES:
+            ex = plain_example(kind=case.split("_")[0], tp=t, bias=True, s=t, dim=t, seed=0, case=case,
+                               **{"in": t, "out": t})
+            ex["out"] += case == "column_out"
+            ex["in"] += case == "row_in"
+            explicit.append(ex)
+    return with_explicit(_draw_bad_layer_example(ctx), explicit)
 
 
 @prop("TP-ERR-1", needs={"tp"}, min_world=2, strategy=_bad_layer_examples)

@@ -14,20 +14,30 @@ from hypothesis import strategies as st
 from ..backend import ModelSpec
 from ..configs import vlm_lora
 from ..model_case import adapter_parameter_names, apply_quietly
-from ..registry import prop
+from ..registry import prop, with_explicit
 
 PARTS = ("vision_model", "vision_projection", "language_model")
 FLAGS = ("freeze_vision_model", "freeze_vision_projection", "freeze_language_model")
 
 
 def _examples(ctx, training=(True,), chunks=(1,)):
-    return st.fixed_dictionaries({
+    """VLM examples; always run: no part, each part alone and every part frozen (at the largest TP),
+    with each `training` value, and nothing frozen at TP 1."""
+    flag_sets = [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
+                 (True, True, True)]
+    t = max(ctx.tp_sizes)
+    explicit = [{"flags": flags, "training": train, "tp": t, "chunks": chunks[0], "dim": 1, "seed": i}
+                for train in training for i, flags in enumerate(flag_sets)]
+    if t > 1:
+        explicit.append({"flags": (False, True, False), "training": training[0], "tp": 1, "chunks": chunks[0],
+                         "dim": 2, "seed": 0})
+    return with_explicit(st.fixed_dictionaries({
         "flags": st.tuples(st.booleans(), st.booleans(), st.booleans()),
         "training": st.sampled_from(list(training)),
         "tp": st.sampled_from(ctx.tp_sizes),
         "chunks": st.sampled_from(list(chunks)),
         "dim": st.sampled_from([1, 2]),
-        "seed": st.integers(0, 2**16)})
+        "seed": st.integers(0, 2**16)}), explicit)
 
 
 def _config(ex):

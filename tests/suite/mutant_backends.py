@@ -37,6 +37,7 @@ from reference.parallel import (
     gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
     scatter_to_tensor_parallel_region,
+    shard,
 )
 
 from conformance.backends.reference import ReferenceBackend
@@ -352,6 +353,26 @@ class PerShardInitBackend(_Mutant):
 
     def apply_lora(self, model, config, training=True):
         with _patched(ParallelLinearAdapter, "_init_weights", _init_weights_per_shard):
+            return super().apply_lora(model, config, training)
+
+
+def _shard_B_ignoring_stride(self, full_B):
+    if self.base_kind == "none":
+        return full_B
+    return shard(full_B, 0, self.tp_rank, self.tp_size)   # BUG: no stride (contiguous rows)
+
+
+class InitBShardIgnoresStrideBackend(_Mutant):
+    """A column adapter's freshly drawn full B is sharded in contiguous rows, not by the base's stride."""
+
+    # Only TP > 1, stride 2 and a non-zero B init show it (the gathered B's [gate; up] halves are
+    # interleaved): the always-run column + TP 2 + stride 2 example of LORA-INIT-2 catches it at any
+    # seed; the suite writes adapter weights itself elsewhere, so nothing else sees it.
+    expected_clause = "LORA-INIT-2"
+    select = "LORA-INIT-2"
+
+    def apply_lora(self, model, config, training=True):
+        with _patched(ParallelLinearAdapter, "_shard_B", _shard_B_ignoring_stride):
             return super().apply_lora(model, config, training)
 
 

@@ -128,8 +128,9 @@ def test_a_failed_prerequisite_makes_dependents_not_checked():
 
 
 def test_coverage_lists_the_always_run_layouts():
-    """[LORA-FWD-2] --coverage shows, per property, the layout combinations it always runs: at world 2
-    the column forward runs TP 1 and 2, strides 1 and 2."""
+    """[LORA-FWD-2] [MOE-FWD-1] --coverage shows, per property, the combinations it always runs: at
+    world 2 the column forward runs TP 1 and 2, strides 1 and 2; the MoE dense-math properties every
+    (TP, EP, expert-TP); and no property is left to random draws only."""
     done = subprocess.run([sys.executable, "-m", "conformance", "--coverage", "2"], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -138,3 +139,10 @@ def test_coverage_lists_the_always_run_layouts():
                   "kind=column tp=1 sp=False a2a=False gather_output=False input_is_parallel=True stride=1",
                   "kind=row tp=2"):
         assert combo in block, block
+    assert "random draws only" not in done.stdout, "a property without always-run examples:\n" + done.stdout
+    for moe_property in ("moe.per_expert_adapters_match_dense_math", "moe.shared_outer_loras_match_dense_math",
+                         "moe.moe_lora_logits_are_the_same_at_every_layout"):
+        block = done.stdout.split(moe_property, 1)[1].split("\nmoe.", 1)[0]
+        for layout in ("tp=1 ep=1 etp=1", "tp=1 ep=1 etp=2", "tp=1 ep=2 etp=1", "tp=2 ep=1 etp=1", "tp=2 ep=1 etp=2",
+                       "tp=2 ep=2 etp=1"):
+            assert layout in block, f"{moe_property} does not always run {layout}:\n{block}"
