@@ -51,8 +51,14 @@ Conventions (those of Megatron, see SPEC.md):
   takes the hidden shard (s, b, in/t) and returns the reduced output (or its sequence shard under
   SP). A forward may return a tensor or (output, bias).
 - `adapter_weights` returns the adapter's A (linear_in) and B (linear_out) *parameters* on this
-  rank, oriented (rank, in) and (out, rank), sharded as SPEC.md [LORA-FWD-2] says. The suite loads
-  and reads them in place: a backend that shards differently fails the properties that see it.
+  rank, oriented (rank, in) and (out, rank), sharded as SPEC.md [LORA-FWD-2] says (a DTensor
+  parameter: its local tensor). Without the capability "full_adapter" the suite loads and reads them
+  in place as SPEC shards, so a backend that shards differently fails every property that sees it.
+- Layouts are not correctness: a backend that can read and write the *full* A and B whatever its
+  shards (DTensor's `full_tensor()` / `distribute_tensor`, say) declares "full_adapter" and provides
+  `full_adapter_weights` and `load_full_adapter_weights`. The suite then loads and reads adapters
+  (and their gradients) through them, and only the layout clause [LORA-FWD-2] (its own property,
+  `forward.adapter_shards_follow_the_spec_layout`) compares this rank's parameters with SPEC's shard.
 - `plain_linear(spec)` builds the nn.Linear of a kind "linear" spec; `RawLoRAConfig` is what
   `validate_config` receives in the config properties (conformance/configs.py).
 - `capabilities` says what the backend supports: a set of names, or a mapping name -> True or the
@@ -77,6 +83,7 @@ CAPABILITIES = {
     "sp": "sequence parallelism",
     "a2a": "a2a_experimental for row bases under sequence parallelism",
     "linear": "plain nn.Linear bases (non-parallel adapters)",
+    "skip_bias_add": "column/row bases that return (output, bias) instead of adding their bias (Megatron's option)",
     "dropout_position": "dropout 'pre' and/or 'post' (values: the positions supported)",
     "init_methods": "lora_A_init_method / lora_B_init_method (values: 'A:<method>' / 'B:<method>' supported)",
     "lora_dtype": "lora_dtype",
@@ -92,6 +99,8 @@ CAPABILITIES = {
     "disable_adapters": "turning a model's adapters off and on again (set_adapters_enabled)",
     "sp_input_regather": "sequence_parallel_input_regather: column adapters under SP keep only the input's "
                          "sequence shard for backward",
+    "full_adapter": "the full A and B, read and written whatever the shards (full_adapter_weights, "
+                    "load_full_adapter_weights): only [LORA-FWD-2] then judges the layout",
     "shared_outer_loras": "experts_shared_outer_loras: grouped experts share fc1's A and fc2's B, the other "
                           "factor per expert (with 'moe')",
 }
@@ -265,6 +274,17 @@ class Backend:
         return {name: m for name, m in model.named_modules() if hasattr(m, "adapter")}
 
     def adapter_weights(self, wrapped: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def full_adapter_weights(self, wrapped: nn.Module, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full A (rank, in) and B (out, rank) of a wrapped module, or with grad=True their full
+        gradients (None where there is none), the same on every rank of its TP group (a collective).
+        Capability "full_adapter"."""
+        raise NotImplementedError
+
+    def load_full_adapter_weights(self, wrapped: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Write the full A (rank, in) and B (out, rank), given on every rank, into the adapter, each
+        rank keeping its own shards (a collective). Capability "full_adapter"."""
         raise NotImplementedError
 
     def finalize_grads(self, model: nn.Module) -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from .backend import Container, Groups, LinearSpec
 from .configs import layer_lora
-from .layout import DTYPES, Shard, example_shard, piece
+from .layout import DTYPES, WHOLE, Shard, example_shard, piece
 from .model_case import returned_model
 from .registry import with_explicit
 
@@ -86,7 +86,7 @@ def _draw_layer_example(draw, ctx, kinds=("column", "row", "linear"), sp=(False,
     ex["input_is_parallel"] = not (unsharded and kind == "row")
     ex["stride"] = draw(st.sampled_from([1, 2])) if kind == "column" and not ex["gather_output"] else 1
     ex["bias"] = draw(st.sampled_from(list(bias)))
-    ex["skip_bias_add"] = draw(st.booleans()) if ex["bias"] and kind != "linear" else False
+    ex["skip_bias_add"] = draw(st.booleans()) if ex["bias"] and kind != "linear" and ctx.supports("skip_bias_add") else False
     ex["s"] = t * draw(st.integers(1, 3))
     ex["b"] = draw(st.integers(1, 2))
     ex["in"] = t * draw(st.integers(1, 4))
@@ -137,9 +137,15 @@ def local_piece(full: torch.Tensor, shard: Shard, groups) -> torch.Tensor:
 
 
 def load_adapter_weights(built: Built, backend, A=None, B=None) -> None:
-    """Write this rank's SPEC shards of the full A and B into the backend's adapter parameters."""
+    """Write the full A and B (default: the example's) into the backend's adapter: whole through
+    load_full_adapter_weights for a backend with "full_adapter" (its layout is then [LORA-FWD-2]'s
+    business alone), else this rank's SPEC shards into adapter_weights, in place."""
+    A, B = built.A if A is None else A, built.B if B is None else B
     A_param, B_param = backend.adapter_weights(built.wrapped)
-    for label, param, full in (("A", A_param, built.A if A is None else A), ("B", B_param, built.B if B is None else B)):
+    if backend.supports("full_adapter"):
+        backend.load_full_adapter_weights(built.wrapped, A.to(A_param.dtype), B.to(B_param.dtype))
+        return
+    for label, param, full in (("A", A_param, A), ("B", B_param, B)):
         local = local_piece(full, example_shard(label, built.ex), built.groups)
         if tuple(param.shape) != tuple(local.shape):
             raise AssertionError(
@@ -147,6 +153,16 @@ def load_adapter_weights(built: Built, backend, A=None, B=None) -> None:
                 f"{tuple(local.shape)} for a {built.ex['kind']} base (full {tuple(full.shape)}, tp={built.ex['tp']})")
         with torch.no_grad():
             param.copy_(local.to(param.dtype))
+
+
+def adapter_tensors(backend, built: Built, grad: bool = False) -> list[tuple[torch.Tensor | None, Shard]]:
+    """[(A, its shard), (B, its shard)]: the adapter's weights (grad=True: their gradients) and the
+    piece of the full tensor each is: the full tensors (WHOLE) from a backend with "full_adapter",
+    else this rank's parameters as SPEC shards ([LORA-FWD-2])."""
+    if backend.supports("full_adapter"):
+        return [(t, WHOLE) for t in backend.full_adapter_weights(built.wrapped, grad=grad)]
+    params = backend.adapter_weights(built.wrapped)
+    return [(p.grad if grad else p, example_shard(label, built.ex)) for label, p in zip("AB", params)]
 
 
 def expected(built: Built, X: torch.Tensor, G: torch.Tensor, lora: bool = True) -> dict:
@@ -257,6 +273,8 @@ def fit_to_backend(ctx, ex: dict, backend) -> dict:
             fitted = dict(fitted, sp=False, a2a=False)
         if fitted["a2a"] and not backend.supports("a2a"):
             fitted = dict(fitted, a2a=False)
+        if fitted.get("skip_bias_add") and not backend.supports("skip_bias_add"):
+            fitted = dict(fitted, skip_bias_add=False)
     ctx.ran(**{key: value for key, value in fitted.items() if ex.get(key) != value})
     return fitted
 

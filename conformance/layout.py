@@ -74,6 +74,11 @@ def example_shard(tensor: str, ex: dict) -> Shard:
                     gather_output=ex.get("gather_output", False), input_is_parallel=ex.get("input_is_parallel", True))
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: a DTensor's local tensor, any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def piece(full: torch.Tensor, shard: Shard, rank: int, size: int, offset: int = 0) -> torch.Tensor:
     """Rank `rank`'s piece of `full` (of `size` ranks). `offset` shifts the split dimension (by 1 for a
     stack of per-expert tensors)."""

@@ -95,11 +95,11 @@ def test_deviations_by_shipped_name():
     """[LORA-CFG-1] `--deviations peft` is the shipped file; a path wins over a name; an unknown name is an
     error listing the shipped ones."""
     shipped = deviations.shipped()
-    assert {"peft", "loralib", "megatron_bridge"} <= set(shipped)
+    assert {"peft", "loralib", "megatron_bridge", "automodel"} <= set(shipped)
     assert deviations.resolve("peft") == shipped["peft"]
     assert deviations.resolve(str(shipped["peft"])) == shipped["peft"]
     assert deviations.load("megatron_bridge") == deviations.load(str(shipped["megatron_bridge"]))
-    with pytest.raises(deviations.DeviationError, match="shipped: loralib, megatron_bridge, peft"):
+    with pytest.raises(deviations.DeviationError, match="shipped: automodel, loralib, megatron_bridge, peft"):
         deviations.resolve("lora_lib")
 
 

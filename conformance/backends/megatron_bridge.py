@@ -124,7 +124,7 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) 
 
 class MegatronBridgeBackend(Backend):
     name = "megatron-bridge"
-    capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
+    capabilities = frozenset({"tp", "sp", "a2a", "linear", "skip_bias_add", "dropout_position", "init_methods", "lora_dtype",
                               "merge", "models", "relayout", "config_validation", "vlm", "disable_adapters"})
 
     def __init__(self):

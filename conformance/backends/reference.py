@@ -15,7 +15,7 @@ from ..backend import Backend, Groups, LinearSpec, ModelSpec, plain_linear
 class ReferenceBackend(Backend):
     name = "reference"
     is_reference = True
-    capabilities = frozenset({"tp", "sp", "a2a", "linear", "dropout_position", "init_methods", "lora_dtype",
+    capabilities = frozenset({"tp", "sp", "a2a", "linear", "skip_bias_add", "dropout_position", "init_methods", "lora_dtype",
                               "merge", "merge_model", "unmerge", "models", "moe", "vlm", "config_validation", "relayout",
                               "disable_adapters", "sp_input_regather", "shared_outer_loras"})
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..layer_case import build, expected, fit_to_backend, layer_examples, local_piece, run, term_sizes
+from ..layer_case import adapter_tensors, build, expected, fit_to_backend, layer_examples, local_piece, run, term_sizes
 from ..layout import example_shard
 from ..registry import FORWARD_MATH, prop
 
@@ -13,12 +13,12 @@ def _check_backward(ctx, backend, ex, **lora_overrides):
     G = ctx.randn((ex["s"], ex["b"], ex["out"]), ex["seed"] + 11)
     _, _, x = run(ctx, built, X, G)
     want, terms = expected(built, X, G), term_sizes(built, X, G)
-    A, B = backend.adapter_weights(built.wrapped)
+    (dA, A_shard), (dB, B_shard) = adapter_tensors(backend, built, grad=True)
     where = f"{ex['kind']} base, tp={ex['tp']}, sp={ex['sp']}"
-    ctx.check(A.grad is not None and B.grad is not None, f"adapter A or B got no gradient ({where})")
-    ctx.assert_close(A.grad, local_piece(want["dA"], example_shard("A", ex), built.groups), built.dtype,
+    ctx.check(dA is not None and dB is not None, f"adapter A or B got no gradient ({where})")
+    ctx.assert_close(dA, local_piece(want["dA"], A_shard, built.groups), built.dtype,
                      f"gradient of A ({where})", scale=4, terms=terms["dA"])
-    ctx.assert_close(B.grad, local_piece(want["dB"], example_shard("B", ex), built.groups), built.dtype,
+    ctx.assert_close(dB, local_piece(want["dB"], B_shard, built.groups), built.dtype,
                      f"gradient of B ({where})", scale=4, terms=terms["dB"])
     ctx.check(x.grad is not None, f"the input got no gradient ({where})")
     ctx.assert_close(x.grad, local_piece(want["dX"], example_shard("input", ex), built.groups), built.dtype,

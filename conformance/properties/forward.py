@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from ..collectives_counter import counting
 from ..layer_case import (build, build_base, expected, fit_to_backend, layer_examples, load_adapter_weights, local_piece,
                           run, term_sizes)
-from ..layout import example_shard, gather
+from ..layout import example_shard, gather, local_tensor
 from ..registry import FORWARD_MATH, prop, with_explicit
 
 
@@ -65,15 +65,33 @@ def _fitted_scale(ctx, built, X, G, y, output, what) -> float:
     return num / den if den else built.ex["alpha"] / built.ex["dim"]
 
 
-@prop("LORA-FWD-1", "LORA-FWD-2", needs={"tp"},
+@prop("LORA-FWD-1", needs={"tp"},
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,)))
 def parallel_forward_matches_full_math(ctx, backend, ex):
-    """Column and row bases without SP: base + (alpha/r) B A x, sharded as SPEC says."""
+    """Column and row bases without SP: base + (alpha/r) B A x, the output sharded as SPEC says."""
     _check_forward(ctx, backend, ex, "forward")
 
 
+@prop("LORA-FWD-2", needs={"tp"},
+      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,), dtypes=("float32",)))
+def adapter_shards_follow_the_spec_layout(ctx, backend, ex):
+    """This rank's A and B parameters (adapter_weights; a DTensor's local tensor) are SPEC's shards of
+    the full A and B: rows of both on a column base (B by the base's stride), columns of A and rows of
+    B on a row base. The one property that judges the layout of a backend with "full_adapter"."""
+    built = build(ctx, backend, ex)        # the full A and B written (whole, or as SPEC shards)
+    where = f"{ex['kind']} base, tp={ex['tp']}, stride={ex['stride']}"
+    for label, param in zip("AB", backend.adapter_weights(built.wrapped)):
+        local = local_tensor(param).detach()
+        want = local_piece(getattr(built, label), example_shard(label, ex), built.groups)
+        ctx.check(tuple(local.shape) == tuple(want.shape),
+                  f"adapter {label} on this rank has shape {tuple(local.shape)}; SPEC [LORA-FWD-2] gives "
+                  f"{tuple(want.shape)} ({where}, full {tuple(getattr(built, label).shape)})")
+        ctx.assert_close(local, want, built.dtype, f"this rank's adapter {label}: SPEC's shard of the full {label} "
+                                                   f"({where})")
+
+
 @prop("LORA-FWD-8", needs={"tp"}, min_world=2,
-      requires=("LORA-FWD-1", "LORA-FWD-2"),
+      requires=("LORA-FWD-1",),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(False,), unsharded_io=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def gathered_output_or_full_input_matches_full_math(ctx, backend, ex):
@@ -89,7 +107,7 @@ def linear_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-3", needs={"tp", "sp"}, min_world=2,
-      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8"),
+      requires=("LORA-FWD-1", "LORA-FWD-8"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,), a2a=(False,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sequence_parallel_forward_matches_full_math(ctx, backend, ex):
@@ -98,7 +116,7 @@ def sequence_parallel_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-4", needs={"tp", "sp", "a2a"}, min_world=2,
-      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
+      requires=("LORA-FWD-1", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("row", "column"), sp=(True,), a2a=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def a2a_forward_matches_full_math(ctx, backend, ex):
@@ -108,7 +126,7 @@ def a2a_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-10", "LORA-FWD-3", needs={"tp", "sp", "sp_input_regather"}, min_world=2,
-      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
+      requires=("LORA-FWD-1", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), sp=(True,),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sp_input_regather_forward_matches_full_math(ctx, backend, ex):
@@ -120,7 +138,7 @@ def sp_input_regather_forward_matches_full_math(ctx, backend, ex):
 
 
 @prop("LORA-FWD-10", needs={"tp", "sp", "sp_input_regather"}, min_world=2, weight=0.5,
-      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
+      requires=("LORA-FWD-1", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column",), sp=(True,), dtypes=("float32",),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def sp_input_regather_keeps_only_the_sequence_shard(ctx, backend, ex):
@@ -159,7 +177,7 @@ def _scale_examples(ctx):
 
 
 @prop("LORA-FWD-5",
-      requires=("LORA-FWD-1", "LORA-FWD-2"),
+      requires=("LORA-FWD-1",),
       strategy=lambda ctx: _scale_examples(ctx))
 def scale_is_alpha_over_dim(ctx, backend, drawn):
     """The update is scaled by alpha / dim for any alpha and dim (on whatever bases the backend has)."""
@@ -170,7 +188,7 @@ def scale_is_alpha_over_dim(ctx, backend, drawn):
 
 
 @prop("LORA-FWD-7", needs={"tp"}, min_world=2,
-      requires=("LORA-FWD-1", "LORA-FWD-2", "LORA-FWD-8", "LORA-FWD-3"),
+      requires=("LORA-FWD-1", "LORA-FWD-8", "LORA-FWD-3"),
       strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row"), a2a=(False,), dtypes=("float32",),
                                           tp=[t for t in ctx.tp_sizes if t > 1]))
 def lora_adds_no_activation_sized_collective(ctx, backend, ex):

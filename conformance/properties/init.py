@@ -10,19 +10,17 @@ from hypothesis import strategies as st
 from ..backend import ModelSpec
 from ..model_case import returned_model
 from ..configs import lora
-from ..layer_case import add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples, run
-from ..layout import example_shard, gather
+from ..layer_case import adapter_tensors, add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples, run
+from ..layout import gather
 from ..registry import FORWARD_MATH, prop, tupled, with_explicit
 
 METHODS = ["xavier", "kaiming", "normal", "zero"]
 
 
 def _full_adapter(ctx, backend, built) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full A and B, gathered from this rank's adapter_weights along the SPEC shard dims."""
-    A, B = backend.adapter_weights(built.wrapped)
+    """The full A and B (gathered from this rank's SPEC shards unless the backend gives them whole)."""
     group = built.groups.tp_group
-    return (gather(A, example_shard("A", built.ex), group).double(),
-            gather(B, example_shard("B", built.ex), group).double())
+    return tuple(gather(t, shard, group).double() for t, shard in adapter_tensors(backend, built))
 
 
 def _layer(kind: str, t: int, seed: int, **sizes) -> dict:

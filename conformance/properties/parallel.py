@@ -11,7 +11,7 @@ from reference.parallel import made_here
 from ..backend import ModelSpec
 from ..context import NotOwnCode, check_group_in_step, divisors, raises_everywhere
 from ..layer_case import build, build_base, layer_examples, local_piece, plain_example, run
-from ..layout import WHOLE, example_shard, gather
+from ..layout import WHOLE, example_shard, gather, local_tensor
 from ..model_case import base_shard
 from ..registry import each_of, prop, with_explicit
 
@@ -54,7 +54,7 @@ def _check_base(ctx, backend, ex):
                      f"gradient of the input of the {what}", scale=4)
     weight = layer.weight
     ctx.check(weight.grad is not None, f"the weight of the {what} got no gradient")
-    ctx.assert_close(weight.grad, local_piece(dW, example_shard("weight", ex), groups), dtype,
+    ctx.assert_close(local_tensor(weight.grad), local_piece(dW, example_shard("weight", ex), groups), dtype,
                      f"gradient of this rank's weight shard of the {what}", scale=4)
     if bias is not None:
         b = layer.bias
@@ -63,7 +63,7 @@ def _check_base(ctx, backend, ex):
                       f"the {what} with skip_bias_add: its bias is not used in the output, yet got a gradient")
         else:
             ctx.check(b.grad is not None, f"the bias of the {what} got no gradient")
-            grad = b.grad
+            grad = local_tensor(b.grad)
             if ex["kind"] == "row" and ex["sp"]:
                 grad = ctx.all_reduce(grad, groups.tp_group)   # partial per sequence shard [TP-ROW-2]
             summed = " (summed over the TP group)" if ex["kind"] == "row" and ex["sp"] else ""
@@ -105,12 +105,12 @@ def full_weights_are_stored_as_spec_shards(ctx, backend, ex):
     base = build_base(ctx, backend, ex)
     what = f"{ex['kind']} base ({_where(ex)})"
     want_W = local_piece(base.W, example_shard("weight", ex), base.groups)
-    ctx.assert_close(base.wrapped.weight, want_W, torch.float64, f"the weight of the bare {what} vs its SPEC shard")
+    ctx.assert_close(local_tensor(base.wrapped.weight), want_W, torch.float64, f"the weight of the bare {what} vs its SPEC shard")
     if base.bias is not None:
-        ctx.assert_close(base.wrapped.bias, local_piece(base.bias, example_shard("bias", ex), base.groups),
+        ctx.assert_close(local_tensor(base.wrapped.bias), local_piece(base.bias, example_shard("bias", ex), base.groups),
                          torch.float64, f"the bias of the bare {what} vs its SPEC shard")
     built = build(ctx, backend, ex)
-    ctx.assert_close(backend.base_weight(built.wrapped), want_W, torch.float64,
+    ctx.assert_close(local_tensor(backend.base_weight(built.wrapped)), want_W, torch.float64,
                      f"the base weight inside the LoRA-wrapped {what} vs its SPEC shard")
 
 

@@ -155,8 +155,7 @@ _column_forward_without_gather = _column_forward_with_broken_gather(lambda h, gr
 class ColumnMissingGatherBackend(_Mutant):
     """The column adapter does not all-gather A's output (s, b, r/t) before B."""
 
-    expected_clause = "LORA-FWD-2"
-    also_failing = ("LORA-FWD-1",)
+    expected_clause = "LORA-FWD-1"
     select = "forward.parallel_forward_matches_full_math"
 
     def apply_lora(self, model, config, training=True):
@@ -172,8 +171,7 @@ _column_forward_gather_wrong_axis = _column_forward_with_broken_gather(
 class GatherWrongAxisBackend(_Mutant):
     """The column adapter all-gathers A's output along the sequence axis (then reshapes) instead of the last axis."""
 
-    expected_clause = "LORA-FWD-2"
-    also_failing = ("LORA-FWD-1",)
+    expected_clause = "LORA-FWD-1"
     select = "forward.parallel_forward_matches_full_math"
 
     def apply_lora(self, model, config, training=True):
@@ -683,7 +681,6 @@ class NaNForwardBackend(_Mutant):
     """The LoRA-wrapped layer's forward returns NaN."""
 
     expected_clause = "LORA-FWD-1"
-    also_failing = ("LORA-FWD-2",)
     select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
     diagnosis = "non-finite"
 
@@ -698,7 +695,6 @@ class WrongShapeBackend(_Mutant):
     """The LoRA-wrapped layer's forward returns its output with an extra leading dimension."""
 
     expected_clause = "LORA-FWD-1"
-    also_failing = ("LORA-FWD-2",)
     select = "forward.parallel_forward_matches_full_math or forward.linear_forward_matches_full_math"
     diagnosis = "shape"
 
