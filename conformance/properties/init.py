@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from ..backend import ModelSpec
 from ..model_case import returned_model
 from ..configs import lora
-from ..layer_case import adapter_tensors, add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples, run
+from ..layer_case import (adapter_tensors, add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples,
+                          plain_example, run)
 from ..layout import gather
 from ..registry import FORWARD_MATH, prop, tupled, with_explicit
 
@@ -149,8 +150,18 @@ def _zero_B_layer(ctx, backend, ex):
               f"{what}: the wrapper changed the bias returned with the output")
 
 
-@prop("LORA-INIT-3", requires=FORWARD_MATH,
-      strategy=lambda ctx: layer_examples(ctx, kinds=("column", "row", "linear")))
+def _zero_B_examples(ctx):
+    """Every layout; always also a column base under SP with a one-column output shard (out = t) and
+    an uneven in (6): a matrix-vector product, where a wrapper that recomputes the base another way
+    shows (NeMo Automodel: 1 ulp)."""
+    layers = layer_examples(ctx, kinds=("column", "row", "linear"))
+    t = max(ctx.tp_sizes)
+    narrow = [] if t == 1 else [plain_example(kind="column", tp=t, sp=True, bias=False, s=2 * t, dim=t, seed=0,
+                                              **{"in": 6, "out": t})]
+    return with_explicit(layers, [*layers.explicit, *narrow])
+
+
+@prop("LORA-INIT-3", requires=FORWARD_MATH, strategy=_zero_B_examples)
 def zero_B_leaves_the_layer_unchanged(ctx, backend, ex):
     """With the default lora_B_init_method "zero", the wrapped layer's output is the bare base
     layer's, bit for bit (column, row, nn.Linear; with SP when drawn)."""
