@@ -123,7 +123,7 @@ def vlm_adapters_stay_trainable(ctx, backend, ex):
 
 
 @prop("VLM-FREEZE-3", needs={"vlm"}, weight=0.5,
-      requires=("LORA-INJ-2",),
+      requires=("LORA-INJ-2", "LORA-BWD-3"),
       strategy=lambda ctx: _examples(ctx, training=(True, False), chunks=(2,)))
 def vlm_chunks_are_frozen_alike(ctx, backend, ex):
     """A list of chunks (two VLMs): each chunk is frozen and adapted the same way."""

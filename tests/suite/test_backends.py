@@ -151,13 +151,15 @@ def test_every_megatron_bridge_deviation_was_measured():
      "reference (NCCL, 2 × H200)=docs/reports/reference_nccl_world2.json", "HF PEFT (CPU)=docs/reports/peft.json",
      "loralib (CPU)=docs/reports/loralib.json",
      "Megatron-Bridge (NCCL, 2 × H200)=docs/reports/megatron_bridge_world2.json",
-     "Megatron-Bridge (NCCL, 1 × H200)=docs/reports/megatron_bridge_world1.json"],
+     "Megatron-Bridge (NCCL, 1 × H200)=docs/reports/megatron_bridge_world1.json",
+     "NeMo Automodel (gloo, CPU)=docs/reports/automodel.json"],
     ["deviations", "docs/reports/megatron_bridge_world2.json", "conformance/deviations/megatron_bridge.txt"],
     ["deviations", "docs/reports/megatron_bridge_world1.json", "conformance/deviations/megatron_bridge.txt"],
     ["deviations", "docs/reports/peft.json", "conformance/deviations/peft.txt"],
     ["deviations", "docs/reports/loralib.json", "conformance/deviations/loralib.txt"],
+    ["deviations", "docs/reports/automodel.json", "conformance/deviations/automodel.txt"],
 ], ids=["clauses", "megatron-bridge deviations", "megatron-bridge world-1 deviations", "peft deviations",
-        "loralib deviations"])
+        "loralib deviations", "automodel deviations"])
 def test_docs_backends_tables_are_generated_from_the_reports(args):
     """docs/backends.md carries the tables tools/backend_table.py makes from the reports (and today's
     deviation files)."""
