@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import hypothesis
@@ -172,8 +173,14 @@ def _usage_exit(message: str) -> None:
     raise SystemExit(2)
 
 
-def start_watchdog(limit_s: float, what: dict) -> None:
-    """If one property runs past limit_s on this rank, print where every thread is and stop."""
+WATCHDOG_EXIT = 3
+STOP_KEY = "conformance/watchdog-stop/"     # + rank: a stopped rank's record, in the rendezvous store
+
+
+def start_watchdog(limit_s: float, what: dict, on_stop) -> None:
+    """If one property runs past limit_s on this rank, print where every thread is, record the stop
+    (`on_stop(record)`: the report, and the rendezvous store for rank 0 to read) and stop."""
+    main = threading.main_thread()
 
     def watch():
         while True:
@@ -184,9 +191,31 @@ def start_watchdog(limit_s: float, what: dict) -> None:
                       f"(a hang the collective timeout did not catch); stopping this rank. Stacks:",
                       file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr)
-                os._exit(3)
+                frame = sys._current_frames().get(main.ident)
+                stack = [line.strip() for line in traceback.format_stack(frame)[-6:]] if frame is not None else []
+                record = {"rank": what["rank"], "property": what["property"], "after_s": round(limit_s),
+                          "exit_code": WATCHDOG_EXIT, "stack": stack}
+                try:
+                    on_stop(record)
+                finally:
+                    sys.stderr.flush()
+                    os._exit(WATCHDOG_EXIT)
 
     threading.Thread(target=watch, daemon=True, name="conformance-watchdog").start()
+
+
+def other_ranks_stopped(world: int, rank: int) -> list[dict]:
+    """The watchdog records other ranks left in the rendezvous store (none without a store)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):   # no default store (an initialisation without one)
+        return []
+    records = []
+    for other in range(world):
+        key = f"{STOP_KEY}{other}"
+        if other != rank and store.check([key]):
+            records.append(json.loads(store.get(key).decode()))
+    return records
 
 
 # --coverage shows these example keys first, in this order, then every other key but sizes and seeds.
@@ -312,10 +341,26 @@ def main(argv=None) -> int:
         for w in warnings:
             print(f"warning: {w}")
 
-    watch = {"rank": rank, "property": None, "started": None}
-    start_watchdog(3 * args.timeout, watch)
-    progress = Progress(enabled=rank == 0 and sys.stdout.isatty(), total=len(selected))
     outcomes = []
+    header["complete"], header["stopped"] = False, []
+
+    def record_stop(record: dict) -> None:
+        """A watchdog stop: into the store (rank 0 reports it), and into the report on rank 0."""
+        try:
+            dist.distributed_c10d._get_default_store().set(f"{STOP_KEY}{rank}", json.dumps(record))
+        except (RuntimeError, ValueError):
+            pass
+        if rank == 0 and args.report_json:
+            header["stopped"] = [record, *other_ranks_stopped(world, rank)]
+            report.write_json(args.report_json, outcomes, header, warnings)
+
+    watch = {"rank": rank, "property": None, "started": None}
+    start_watchdog(3 * args.timeout, watch, record_stop)
+    if rank == 0 and args.report_json:
+        # Written before the first property (and after each one), so a run that dies early or is
+        # stopped by the watchdog still leaves a report saying how far it got.
+        report.write_json(args.report_json, outcomes, header, warnings)
+    progress = Progress(enabled=rank == 0 and sys.stdout.isatty(), total=len(selected))
     failed_clauses: set[str] = set()
     started = time.monotonic()
     for index, prop in enumerate(selected, start=1):
@@ -358,6 +403,8 @@ def main(argv=None) -> int:
                 report.write_json(args.report_json, outcomes, header, warnings)
     header["elapsed_s"] = round(time.monotonic() - started, 2)
     header["complete"] = True
+    if rank == 0:
+        header["stopped"] = header["stopped"] or other_ranks_stopped(world, rank)
 
     if rank == 0:
         print(report.summary_text(outcomes, header))
@@ -370,9 +417,8 @@ def main(argv=None) -> int:
     failed = any(o.status == FAIL for o in outcomes) or (args.strict_deviations and any(o.status == XPASS for o in outcomes))
     dist.barrier(group=control_group)
     dist.destroy_process_group()
-    if rank != 0:
-        return 0   # rank 0 carries the verdict; torchrun fails the run when rank 0 exits non-zero
-    if failed and world > 1:
+    # Every rank exits with the run's verdict (the outcomes are agreed, so it is the same everywhere).
+    if failed and world > 1 and rank == 0:
         time.sleep(1.0)   # let the other ranks exit first, so torchrun need not terminate them
     return 1 if failed else 0
 

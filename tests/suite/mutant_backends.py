@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import time
 import types
 
 import torch
@@ -757,6 +758,14 @@ class DyingRankBackend(_Mutant):
     def apply_lora(self, model, config, training=True):
         if dist.is_initialized() and dist.get_rank() == 1:
             os._exit(5)
+        return super().apply_lora(model, config, training)
+
+
+class StuckBackend(_Mutant):
+    """apply_lora never returns (it sleeps, in no collective): only the watchdog can stop the rank."""
+
+    def apply_lora(self, model, config, training=True):
+        time.sleep(3600)
         return super().apply_lora(model, config, training)
 
 

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -63,6 +63,7 @@ class Run:
     output: str
     seconds: float
     report: dict | None
+    rcs: list = field(default_factory=list)     # every launched process's exit code
 
     def props(self) -> dict:
         return {p["id"]: p for p in (self.report or {}).get("properties", [])}
@@ -119,7 +120,7 @@ def conformance(*args: str, world: int = 2, backend: str | None = None, timeout:
     data = json.loads(json_path.read_text()) if json_path is not None and json_path.is_file() else None
     rc = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
     output = outputs[0] + "".join(f"\n--- rank {r} ---\n{o}" for r, o in enumerate(outputs[1:], start=1) if o.strip())
-    return Run(launches[0][0], rc, output, seconds, data)
+    return Run(launches[0][0], rc, output, seconds, data, [proc.returncode for proc in procs])
 
 
 def _free_port() -> int:
@@ -272,6 +273,27 @@ def test_hanging_collective_fails_the_property_and_the_run_goes_on():
     later = props["forward.linear_forward_matches_full_math"]
     assert later["status"] == "passed" and later["examples"] > 0, later   # ran after the hang, on fresh groups
     assert "ran past" not in run.output, "the watchdog had to stop a rank"
+
+
+def test_watchdog_stop_is_in_the_report():
+    """A rank stuck outside any collective is stopped by the watchdog (3 x --timeout) with exit code 3;
+    the report, written before the first property, records which rank, which property and where."""
+    run = conformance("-k", "forward.linear_forward_matches_full_math", "--timeout", "1",
+                      backend=_mutant_spec(mutant_backends.StuckBackend), world=1, timeout=60)
+    assert run.rc == 3, run.explain()
+    assert run.report is not None, f"no report\n{run.explain()}"
+    header = run.report["header"]
+    assert header["complete"] is False and run.report["properties"] == []
+    (stop,) = header["stopped"]
+    assert stop["rank"] == 0 and stop["property"] == "forward.linear_forward_matches_full_math", stop
+    assert stop["exit_code"] == 3 and any("sleep" in line for line in stop["stack"]), stop
+
+
+def test_every_rank_exits_with_the_verdict():
+    """Ranks started by hand (no torchrun): a failed run exits 1 on every rank, not only on rank 0."""
+    cls = mutant_backends.WrongScaleBackend
+    run = conformance("-k", "forward.scale_is_alpha_over_dim", "--profile", "quick", backend=_mutant_spec(cls))
+    assert run.rcs == [1, 1], run.explain()
 
 
 def test_dying_rank_ends_the_run():
