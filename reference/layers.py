@@ -76,6 +76,7 @@ def _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_
     """A ColumnParallelLinear's checked layout; the TP group is resolved here, once."""
     group = resolve_tp_group(tp_group)
     _check_size("output_size", output_size)
+    _check_size("stride", stride)        # before it divides anything
     check_divisible("output_size", output_size, dist.get_world_size(group) * stride, "tp_size * stride")
     if gather_output and stride != 1:
         # The gathered output would be [part0_0, part1_0, part0_1, ...], not [part0; part1].
@@ -83,7 +84,6 @@ def _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_
     if explicit_expert_comm and (gather_output or sequence_parallel):
         raise ValueError("explicit_expert_comm=True allows neither gather_output nor sequence_parallel")
     _check_size("input_size", input_size)
-    _check_size("stride", stride)
     return BaseLayout.over("column", input_size, output_size, group, sequence_parallel=bool(sequence_parallel),
                            gather_output=bool(gather_output), stride=stride,
                            explicit_expert_comm=bool(explicit_expert_comm))

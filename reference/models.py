@@ -36,6 +36,10 @@ from .parallel import (
 )
 
 
+# What TinyGPT's weights may be (they are trained, and float8 has no matmul on every device).
+PARAMS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 @dataclass
 class TinyGPTConfig:
     vocab_size: int = 64
@@ -63,6 +67,9 @@ class TinyGPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.params_dtype, torch.dtype) or self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"params_dtype must be one of {[str(d) for d in PARAMS_DTYPES]}, "
+                             f"got {self.params_dtype!r} (the weights train: a floating dtype)")
         check_divisible("hidden_size", self.hidden_size, self.num_attention_heads, "num_attention_heads")
         check_divisible("num_attention_heads", self.num_attention_heads, tp_size, "the TP size")
         check_divisible("ffn_hidden_size", self.ffn_hidden_size, tp_size, "the TP size")

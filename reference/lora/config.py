@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -61,32 +62,99 @@ class LoRAConfig:
     experts_shared_outer_loras: bool = False
 
     def __post_init__(self):
-        self.target_modules = _check_patterns("target_modules", self.target_modules)
-        self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules)
-        if self.target_modules and self.exclude_modules:
-            raise ValueError(
-                "target_modules and exclude_modules cannot both be non-empty: to adapt every linear layer "
-                "except some, pass target_modules=[] and exclude_modules=[...]"
-            )
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, Real) or not self.alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, Real) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if self.dropout_position not in DROPOUT_POSITIONS:
-            raise ValueError(f"dropout_position must be one of {list(DROPOUT_POSITIONS)}, got {self.dropout_position!r}")
-        check_init_method("lora_A_init_method", self.lora_A_init_method)
-        check_init_method("lora_B_init_method", self.lora_B_init_method)
-        if self.lora_dtype is not None:
-            if not isinstance(self.lora_dtype, torch.dtype):
-                raise TypeError(f"lora_dtype must be None or a torch.dtype, got {self.lora_dtype!r}")
-            if not self.lora_dtype.is_floating_point:
-                raise ValueError(f"lora_dtype must be a floating dtype (e.g. torch.float32, torch.bfloat16), "
-                                 f"got {self.lora_dtype}")
-        for name in ("a2a_experimental", "normalize_moe_lora", "share_expert_adapters",
-                     "sequence_parallel_input_regather", "experts_shared_outer_loras"):
-            _check_bool(name, getattr(self, name))
+        for name in FIELD_CHECKS:
+            object.__setattr__(self, name, FIELD_CHECKS[name](getattr(self, name)))
+        _check_exclusive(self.target_modules, self.exclude_modules)
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name, value):
+        # Recipes change a config after building it (cfg.dim = 0, cfg.target_modules = "linear_qkv"):
+        # an assignment is validated like the constructor's argument, so a bad value never waits for
+        # apply time (a ZeroDivisionError, or a string read as single letters).
+        if getattr(self, "_validated", False) and name in FIELD_CHECKS:
+            value = FIELD_CHECKS[name](value)
+            if name in ("target_modules", "exclude_modules"):
+                other = self.exclude_modules if name == "target_modules" else self.target_modules
+                _check_exclusive(*((value, other) if name == "target_modules" else (other, value)))
+        object.__setattr__(self, name, value)
+
+
+def _check_exclusive(target_modules, exclude_modules) -> None:
+    if target_modules and exclude_modules:
+        raise ValueError(
+            "target_modules and exclude_modules cannot both be non-empty: to adapt every linear layer "
+            "except some, pass target_modules=[] and exclude_modules=[...]"
+        )
+
+
+def _positive_int(name: str):
+    def check(value):
+        # numbers.Integral: Python and numpy integers alike (not bool)
+        if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return int(value)
+    return check
+
+
+def _check_alpha(value):
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"alpha must be a positive number (finite), got {value!r}")
+    return value
+
+
+def _check_dropout(value):
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
+    return value
+
+
+def _check_position(value):
+    if value not in DROPOUT_POSITIONS:
+        raise ValueError(f"dropout_position must be one of {list(DROPOUT_POSITIONS)}, got {value!r}")
+    return value
+
+
+def _check_init(name: str):
+    def check(value):
+        check_init_method(name, value)
+        return value
+    return check
+
+
+def _check_lora_dtype(value):
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"lora_dtype must be None or a torch.dtype, got {value!r}")
+    if value not in LORA_DTYPES:
+        raise ValueError(f"lora_dtype must be None or a floating dtype adapters can train in, one of "
+                         f"{[str(d) for d in LORA_DTYPES]}; got {value}")
+    return value
+
+
+def _flag(name: str):
+    def check(value):
+        _check_bool(name, value)
+        return value
+    return check
+
+
+# Dtypes A and B can train in (matmul and autograd support them on CPU and GPU).
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+FIELD_CHECKS = {
+    "target_modules": lambda value: _check_patterns("target_modules", value),
+    "exclude_modules": lambda value: _check_patterns("exclude_modules", value),
+    "dim": _positive_int("dim"),
+    "alpha": _check_alpha,
+    "dropout": _check_dropout,
+    "dropout_position": _check_position,
+    "lora_A_init_method": _check_init("lora_A_init_method"),
+    "lora_B_init_method": _check_init("lora_B_init_method"),
+    "lora_dtype": _check_lora_dtype,
+    **{name: _flag(name) for name in ("a2a_experimental", "normalize_moe_lora", "share_expert_adapters",
+                                      "sequence_parallel_input_regather", "experts_shared_outer_loras")},
+}
 
 
 __all__ = ["LoRAConfig", "DEFAULT_TARGET_MODULES", "DROPOUT_POSITIONS", "INIT_METHODS"]

@@ -182,6 +182,7 @@ def check_bad_layer_inputs():
     expect("stride_gather", "gather_output=True requires stride=1",
            lambda: ColumnParallelLinear(8, 8, gather_output=True, stride=2))
     expect("dtype", "params_dtype must be a floating", lambda: ColumnParallelLinear(8, 8, params_dtype=torch.int32))
+    expect("stride0", "stride must be a positive integer", lambda: ColumnParallelLinear(8, 8, stride=0))
     # After all those errors the group still works: nothing was left half-communicated.
     assert all_reduce_sum(torch.ones(1, device=device())).item() == t
     return errors

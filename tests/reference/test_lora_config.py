@@ -123,6 +123,9 @@ BAD_CONFIGS = [
     ("alpha=-2", dict(alpha=-2), EITHER, "alpha", ["positive number"]),
     ("alpha='32'", dict(alpha="32"), EITHER, "alpha", ["positive number"]),
     ("alpha=True", dict(alpha=True), EITHER, "alpha", ["positive number"]),
+    ("alpha=inf", dict(alpha=float("inf")), EITHER, "alpha", ["positive number", "finite"]),
+    ("alpha=nan", dict(alpha=float("nan")), EITHER, "alpha", ["positive number", "finite"]),
+    ("lora_dtype=float8", dict(lora_dtype=torch.float8_e4m3fn), ValueError, "lora_dtype", ["floating", "bfloat16"]),
     ("dropout=-0.1", dict(dropout=-0.1), EITHER, "dropout", ["[0, 1)"]),
     ("dropout=1.0", dict(dropout=1.0), EITHER, "dropout", ["[0, 1)"]),
     ("dropout=1.5", dict(dropout=1.5), EITHER, "dropout", ["[0, 1)"]),
@@ -172,6 +175,31 @@ def test_good_values_are_accepted(kwargs):
     config = LoRA(**kwargs)
     for name, value in kwargs.items():
         assert getattr(config, name) == value
+
+
+@pytest.mark.parametrize("kwargs, exc, field, allowed", [c[1:] for c in BAD_CONFIGS if len(c[1]) == 1],
+                         ids=[c[0] for c in BAD_CONFIGS if len(c[1]) == 1])
+def test_bad_values_raise_when_assigned_after_construction(kwargs, exc, field, allowed):
+    """[LORA-CFG-2] recipes change a built config (cfg.dim = 0, cfg.target_modules = "linear_qkv"): the
+    assignment is checked like the constructor's argument, and a refused value leaves the field as it was."""
+    config = LoRA()
+    (name, value), = kwargs.items()
+    before = getattr(config, name)
+    with pytest.raises(exc) as info:
+        setattr(config, name, value)
+    assert field in str(info.value) and all(word in str(info.value) for word in allowed), str(info.value)
+    assert getattr(config, name) == before
+    config.dim = 16                                             # a good value is kept
+    assert config.dim == 16
+    with pytest.raises(ValueError, match="target_modules=\\[\\]"):
+        config.exclude_modules = ["linear_fc2"]                 # exclusive with the non-empty targets
+
+
+def test_numpy_integers_are_integers():
+    """[LORA-CFG-2] dim given as a numpy integer (numbers.Integral) is accepted, stored as an int."""
+    numpy = pytest.importorskip("numpy")
+    config = LoRA(dim=numpy.int64(8))
+    assert config.dim == 8 and type(config.dim) is int
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -72,6 +72,8 @@ def check_bad_model_config():
     P.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
     with pytest.raises(ValueError, match=r"num_attention_heads \(3\) must be divisible by the TP size"):
         TinyGPT(TinyGPTConfig(num_attention_heads=3, hidden_size=24))
+    with pytest.raises(ValueError, match="params_dtype must be one of .*float32.*got torch.int8"):
+        TinyGPT(TinyGPTConfig(params_dtype=torch.int8))
     model = TinyGPT(TinyGPTConfig(sequence_parallel=True))
     with pytest.raises(ValueError, match="sequence length of the input"):
         model(torch.zeros(1, 5, dtype=torch.long, device=device()))
