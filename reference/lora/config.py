@@ -114,11 +114,12 @@ def _check_position(value):
     return value
 
 
-def _check_init(name: str):
-    def check(value):
-        check_init_method(name, value)
+def _keeping(check, name: str):
+    """check(name, value) as a field check that returns the value unchanged."""
+    def checked(value):
+        check(name, value)
         return value
-    return check
+    return checked
 
 
 def _check_lora_dtype(value):
@@ -132,13 +133,6 @@ def _check_lora_dtype(value):
     return value
 
 
-def _flag(name: str):
-    def check(value):
-        _check_bool(name, value)
-        return value
-    return check
-
-
 # Dtypes A and B can train in (matmul and autograd support them on CPU and GPU).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -149,11 +143,12 @@ FIELD_CHECKS = {
     "alpha": _check_alpha,
     "dropout": _check_dropout,
     "dropout_position": _check_position,
-    "lora_A_init_method": _check_init("lora_A_init_method"),
-    "lora_B_init_method": _check_init("lora_B_init_method"),
+    "lora_A_init_method": _keeping(check_init_method, "lora_A_init_method"),
+    "lora_B_init_method": _keeping(check_init_method, "lora_B_init_method"),
     "lora_dtype": _check_lora_dtype,
-    **{name: _flag(name) for name in ("a2a_experimental", "normalize_moe_lora", "share_expert_adapters",
-                                      "sequence_parallel_input_regather", "experts_shared_outer_loras")},
+    **{name: _keeping(_check_bool, name) for name in ("a2a_experimental", "normalize_moe_lora",
+                                                       "share_expert_adapters", "sequence_parallel_input_regather",
+                                                       "experts_shared_outer_loras")},
 }
 
 

@@ -21,10 +21,12 @@ from conformance.backends.automodel import STYLE, AutomodelBackend
 
 
 def _tp_lora_modules(backend, model, style_type):
-    for module in backend.lora_modules(model).values():
-        style = getattr(module, STYLE, (None, None, None))[1]
-        if isinstance(style, style_type) and isinstance(module.lora_B.weight, DTensor):
-            yield module
+    """The LoRA modules of `model` (one module or a list of chunks) parallelized with `style_type`."""
+    for chunk in model if isinstance(model, list) else [model]:
+        for module in backend.lora_modules(chunk).values():
+            style = getattr(module, STYLE, (None, None, None))[1]
+            if isinstance(style, style_type) and isinstance(module.lora_B.weight, DTensor):
+                yield module
 
 
 class ColumnAReplicatedBackend(AutomodelBackend):
@@ -32,12 +34,10 @@ class ColumnAReplicatedBackend(AutomodelBackend):
 
     def apply_lora(self, model, config, training=True):
         model = super().apply_lora(model, config, training)
-        chunks = model if isinstance(model, list) else [model]
-        for chunk in chunks:
-            for module in _tp_lora_modules(self, chunk, ColwiseParallel):
-                A = module.lora_A.weight
-                module.lora_A.weight = nn.Parameter(A.detach().redistribute(A.device_mesh, [Replicate()]),
-                                                    requires_grad=A.requires_grad)
+        for module in _tp_lora_modules(self, model, ColwiseParallel):
+            A = module.lora_A.weight
+            module.lora_A.weight = nn.Parameter(A.detach().redistribute(A.device_mesh, [Replicate()]),
+                                                requires_grad=A.requires_grad)
         return model
 
 
@@ -53,8 +53,6 @@ class RowPartialNotReducedBackend(AutomodelBackend):
 
     def apply_lora(self, model, config, training=True):
         model = super().apply_lora(model, config, training)
-        chunks = model if isinstance(model, list) else [model]
-        for chunk in chunks:
-            for module in _tp_lora_modules(self, chunk, RowwiseParallel):
-                module.lora_A.register_forward_hook(_relabel_partial_as_replicate)
+        for module in _tp_lora_modules(self, model, RowwiseParallel):
+            module.lora_A.register_forward_hook(_relabel_partial_as_replicate)
         return model
