@@ -36,7 +36,7 @@ from .backends.reference import ReferenceBackend
 from .context import Context
 from .layout import DTYPES
 from .registry import explicit_examples, load_all
-from .runner import (FAIL, NA, NOT_CHECKED, SKIP, XFAIL, XPASS, Outcome, Progress, RunOptions,
+from .runner import (FAIL, NA, NOT_CHECKED, SKIP, XFAIL, XPASS, Outcome, PeerLost, Progress, RunOptions,
                      run_property)
 
 PROFILES = {"quick": 4, "default": 25, "thorough": 100}
@@ -202,6 +202,20 @@ def start_watchdog(limit_s: float, what: dict, on_stop) -> None:
                     os._exit(WATCHDOG_EXIT)
 
     threading.Thread(target=watch, daemon=True, name="conformance-watchdog").start()
+
+
+PEER_LOST_EXIT = 4
+
+
+def peer_lost(rank: int, prop, error: str, header: dict, outcomes, warnings, args) -> int:
+    """Another rank died or left during `prop`: say so once, record it, stop without a traceback."""
+    print(f"conformance: rank {rank}: another rank died or left during {prop.id} ({' '.join(error.split())}); "
+          f"the remaining properties were not run", file=sys.stderr, flush=True)
+    header["stopped"] = [*header["stopped"], {"rank": rank, "property": prop.id, "peer_lost": error,
+                                             "exit_code": PEER_LOST_EXIT}]
+    if rank == 0 and args.report_json:
+        report.write_json(args.report_json, outcomes, header, warnings)
+    return PEER_LOST_EXIT
 
 
 def other_ranks_stopped(world: int, rank: int) -> list[dict]:
@@ -382,7 +396,10 @@ def main(argv=None) -> int:
         else:
             watch.update(property=prop.id, started=time.monotonic())
             scoped = deviation if deviation is not None and deviation.scope else None
-            outcome = run_property(prop, ctx, backend, options, progress, replay, scoped)
+            try:
+                outcome = run_property(prop, ctx, backend, options, progress, replay, scoped)
+            except PeerLost as lost:
+                return peer_lost(rank, prop, str(lost), header, outcomes, warnings, args)
             watch.update(property=None, started=None)
             if deviation is not None:
                 outcome.reason = deviation.reason + (f" [scope: {deviation.scope_text()}]" if scoped else "")

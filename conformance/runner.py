@@ -43,6 +43,11 @@ class CollectiveHang(BaseException):
     """A collective timed out on some rank: stop this property on every rank."""
 
 
+class PeerLost(BaseException):
+    """The control group itself failed: another rank died or left. Nothing more can be agreed, so the
+    run stops (a BaseException, so that hypothesis does not take it for a failing example)."""
+
+
 @dataclass
 class Outcome:
     property: Property
@@ -79,7 +84,10 @@ def spmd_call(ctx, fn) -> None:
         summary = "".join(traceback.format_exception_only(type(error), error)).strip()
         failure = {"summary": summary[:4000], "timeout": _is_timeout(error),
                    "where": _innermost_frame(error)}
-    outcomes = all_gather_json(failure, ctx.control_group)
+    try:
+        outcomes = all_gather_json(failure, ctx.control_group)
+    except RuntimeError as error:      # gloo: "Connection closed by peer", "Connection reset by peer", ...
+        raise PeerLost(_first_lines(str(error), limit=2)) from None
     failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None and "not_own" not in f]
     not_own = [f["not_own"] for f in outcomes if f is not None and "not_own" in f]
     if not failed and not_own:

@@ -311,6 +311,22 @@ def test_dying_rank_ends_the_run():
     assert run.report["properties"][0]["status"] == "passed"
 
 
+def test_survivor_of_a_dead_rank_says_so_once():
+    """Ranks started by hand (no torchrun to stop the others): rank 0 finds its peer gone, says so once,
+    records it and exits 4 without a traceback; no later property is misreported."""
+    run = conformance("-k", "config_has_the_spec_fields_and_defaults or forward.linear_forward_matches_full_math "
+                      "or forward.scale_is_alpha_over_dim", "--timeout", "10",
+                      backend=_mutant_spec(mutant_backends.DyingRankBackend), timeout=120)
+    assert run.rcs == [4, 5], run.explain()
+    assert run.seconds < 60, run.explain()
+    survivor = run.output.split("--- rank 1 ---")[0]
+    assert survivor.count("another rank died or left during forward.linear_forward_matches_full_math") == 1, survivor
+    assert "Traceback" not in survivor and "the property itself raised" not in survivor, survivor
+    assert [p["id"] for p in run.report["properties"]] == ["config.config_has_the_spec_fields_and_defaults"]
+    (stop,) = run.report["header"]["stopped"]
+    assert stop["rank"] == 0 and stop["exit_code"] == 4 and stop["property"] == "forward.linear_forward_matches_full_math"
+
+
 # ---- deviations ----------------------------------------------------------------------------------------
 
 def _deviations(text: str) -> str:
