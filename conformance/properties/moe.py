@@ -289,7 +289,7 @@ def unrouted_expert_adapter_gets_no_gradient(ctx, backend, drawn):
 # ---- [MOE-FWD-1] [MOE-ROUTER-1] ------------------------------------------------------------------------------
 
 @prop("MOE-FWD-1", "MOE-SHARE-2", needs=NEEDS | {"relayout"}, weight=0.25,
-      requires=FORWARD_MATH,
+      requires=FORWARD_MATH + ("MOE-RANK-1",),
       strategy=lambda ctx: tupled(moe_examples(ctx, topk=(1, 2)), st.booleans(), st.booleans(),
                                   st.lists(st.sampled_from(["linear_qkv", "linear_proj", "router"]), unique=True),
                                   always=[(False, True, ["router"]), (True, False, []),
@@ -315,7 +315,7 @@ def moe_lora_logits_are_the_same_at_every_layout(ctx, backend, drawn):
                      f"share={ex['share']}, normalize={normalize})", scale=10)
 
 
-@prop("MOE-ROUTER-1", needs=NEEDS, weight=0.5, requires=FORWARD_MATH,
+@prop("MOE-ROUTER-1", needs=NEEDS, weight=0.5, requires=FORWARD_MATH + ("MOE-SHARE-1",),
       strategy=lambda ctx: tupled(moe_examples(ctx, topk=(1, 2, 3)), st.sampled_from([2, 4, 8]),
                                   always=[(2,), (4,), (8,)]))
 def router_adapter_adds_to_the_logits(ctx, backend, drawn):
@@ -453,7 +453,7 @@ def shared_expert_adapter_matches_dense_math(ctx, backend, drawn):
     _check_against_dense_math(ctx, backend, ex, dim, gated, "a shared expert adapter", share_expert_adapters=True)
 
 
-@prop("MOE-RANK-1", needs=NEEDS, weight=0.25, requires=FORWARD_MATH,
+@prop("MOE-RANK-1", needs=NEEDS, weight=0.25, requires=FORWARD_MATH + ("MOE-SHARE-1",),
       strategy=lambda ctx: tupled(moe_examples(ctx, topk=(2, 3)), st.booleans(), always=[(False,), (True,)]))
 def normalized_expert_ranks_scale_by_alpha_over_rank(ctx, backend, drawn):
     """normalize_moe_lora: expert adapters of rank dim // k (fc1 rounded up to expert TP) scale by
@@ -466,7 +466,8 @@ def normalized_expert_ranks_scale_by_alpha_over_rank(ctx, backend, drawn):
 
 # ---- [MOE-SHARE-3] ---------------------------------------------------------------------------------------
 
-@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25, requires=FORWARD_MATH,
+@prop("MOE-SHARE-3", "MOE-FWD-1", needs=NEEDS | {"shared_outer_loras"}, weight=0.25,
+      requires=FORWARD_MATH + ("MOE-SHARE-1",),
       strategy=lambda ctx: tupled(moe_examples(ctx, topk=(1, 2)), st.booleans(), always=[(True,), (False,)]))
 def shared_outer_loras_match_dense_math(ctx, backend, drawn):
     """experts_shared_outer_loras on grouped experts: fc1's A and fc2's B are one tensor for all experts,
