@@ -55,6 +55,10 @@ def _styles():
                            "the Automodel backend")
 
 
+def _is_lora(module: nn.Module) -> bool:
+    return isinstance(module, _lora().LinearLoRA)
+
+
 def _stride_permutation(out_features: int, tp: int, stride: int) -> torch.Tensor | None:
     """Row order that makes DTensor's even split give rank r SPEC's strided shard [block_0 r; block_1 r; ...]."""
     if stride == 1 or tp == 1:
@@ -77,7 +81,8 @@ class AutomodelBackend(Backend):
 
     def describe(self) -> str:
         _lora()
-        return f"NeMo Automodel {version('nemo-automodel')} (LinearLoRA + LoRA-aware DTensor TP styles), torch {torch.__version__}"
+        return (f"NeMo Automodel {version('nemo-automodel')} (LinearLoRA + LoRA-aware DTensor TP styles), "
+                f"torch {torch.__version__}")
 
     # -- parallel state -----------------------------------------------------------------------
     def init_parallel(self, tp: int, ep: int = 1, etp: int | None = None) -> Groups:
@@ -102,7 +107,8 @@ class AutomodelBackend(Backend):
     def make_linear(self, spec: LinearSpec) -> nn.Module:
         if spec.skip_bias_add:
             raise NotImplementedError("nn.Linear has no skip_bias_add")
-        linear = skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias is not None, dtype=spec.dtype)
+        linear = skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias is not None,
+                           dtype=spec.dtype)
         with torch.no_grad():
             linear.weight.copy_(spec.weight)
             if spec.bias is not None:
@@ -166,7 +172,7 @@ class AutomodelBackend(Backend):
         name -> (mesh, style, permutation) to parallelize it again."""
         found = {}
         for name, module in list(chunk.named_modules()):
-            if not hasattr(module, STYLE) or self.lora_modules_of(module):
+            if not hasattr(module, STYLE) or _is_lora(module):
                 continue
             mesh, style, permutation = getattr(module, STYLE)
             # skip_init: no draw from the generator, which the adapters' init is seeded on ([LORA-INIT-2])
@@ -181,12 +187,8 @@ class AutomodelBackend(Backend):
             found[name] = (mesh, style, permutation)
         return found
 
-    @staticmethod
-    def lora_modules_of(module: nn.Module) -> bool:
-        return isinstance(module, _lora().LinearLoRA)
-
     def lora_modules(self, model):
-        return {name: m for name, m in model.named_modules() if self.lora_modules_of(m)}
+        return {name: m for name, m in model.named_modules() if _is_lora(m)}
 
     def adapter_weights(self, wrapped):
         return wrapped.lora_A.weight, wrapped.lora_B.weight
