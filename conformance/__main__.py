@@ -218,11 +218,18 @@ def peer_lost(rank: int, prop, error: str, header: dict, outcomes, warnings, arg
     return PEER_LOST_EXIT
 
 
+def _rendezvous_store():
+    """The default process group's store, or None (an initialisation without one)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        return None
+
+
 def other_ranks_stopped(world: int, rank: int) -> list[dict]:
     """The watchdog records other ranks left in the rendezvous store (none without a store)."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-    except (RuntimeError, ValueError):   # no default store (an initialisation without one)
+    store = _rendezvous_store()
+    if store is None:
         return []
     records = []
     for other in range(world):
@@ -263,7 +270,8 @@ def describe_combination(combo) -> str:
     first, rest = (combo[0], combo[1:]) if isinstance(combo, (tuple, list)) else (combo, ())
     if not isinstance(first, dict):
         first, rest = {}, (first, *rest)
-    keys = [k for k in COVERAGE_KEYS if k in first] + [k for k in first if k not in COVERAGE_KEYS + tuple(COVERAGE_HIDDEN)]
+    shown_later = [k for k in first if k not in COVERAGE_KEYS and k not in COVERAGE_HIDDEN]
+    keys = [k for k in COVERAGE_KEYS if k in first] + shown_later
     return " ".join([*(f"{key}={first[key]}" for key in keys), *(f"+ {value!r}" for value in rest)])
 
 
@@ -360,10 +368,9 @@ def main(argv=None) -> int:
 
     def record_stop(record: dict) -> None:
         """A watchdog stop: into the store (rank 0 reports it), and into the report on rank 0."""
-        try:
-            dist.distributed_c10d._get_default_store().set(f"{STOP_KEY}{rank}", json.dumps(record))
-        except (RuntimeError, ValueError):
-            pass
+        store = _rendezvous_store()
+        if store is not None:
+            store.set(f"{STOP_KEY}{rank}", json.dumps(record))
         if rank == 0 and args.report_json:
             header["stopped"] = [record, *other_ranks_stopped(world, rank)]
             report.write_json(args.report_json, outcomes, header, warnings)
@@ -420,10 +427,9 @@ def main(argv=None) -> int:
                 report.write_json(args.report_json, outcomes, header, warnings)
     header["elapsed_s"] = round(time.monotonic() - started, 2)
     header["complete"] = True
-    if rank == 0:
-        header["stopped"] = header["stopped"] or other_ranks_stopped(world, rank)
 
     if rank == 0:
+        header["stopped"] = header["stopped"] or other_ranks_stopped(world, rank)
         print(report.summary_text(outcomes, header))
         if args.report_json:
             report.write_json(args.report_json, outcomes, header, warnings)

@@ -55,6 +55,18 @@ def _styles():
                            "the Automodel backend")
 
 
+def _linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` (out, in) and `bias`, on their device and in their dtype.
+    skip_init: no draw from the generator, which the adapters' init is seeded on ([LORA-INIT-2])."""
+    linear = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 def _is_lora(module: nn.Module) -> bool:
     return isinstance(module, _lora().LinearLoRA)
 
@@ -107,23 +119,15 @@ class AutomodelBackend(Backend):
     def make_linear(self, spec: LinearSpec) -> nn.Module:
         if spec.skip_bias_add:
             raise NotImplementedError("nn.Linear has no skip_bias_add")
-        linear = skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias is not None,
-                           dtype=spec.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(spec.weight)
-            if spec.bias is not None:
-                linear.bias.copy_(spec.bias)
+        weight, bias = spec.weight.to(spec.dtype), None if spec.bias is None else spec.bias.to(spec.dtype)
         if spec.kind == "linear" or spec.groups.tp_size == 1:     # Automodel applies no TP plan at TP = 1
-            return linear.to(spec.weight.device)
-        mesh = self._by_group[spec.groups.tp_group]
+            return _linear_holding(weight, bias)
         permutation = _stride_permutation(spec.out_features, spec.groups.tp_size, spec.stride) \
             if spec.kind == "column" else None
         if permutation is not None:
-            with torch.no_grad():
-                linear.weight.copy_(linear.weight[permutation])
-                if linear.bias is not None:
-                    linear.bias.copy_(linear.bias[permutation])
-        return self._parallelize(linear.to(spec.weight.device), mesh, self._style(spec), permutation)
+            weight, bias = weight[permutation], None if bias is None else bias[permutation]
+        mesh = self._by_group[spec.groups.tp_group]
+        return self._parallelize(_linear_holding(weight, bias), mesh, self._style(spec), permutation)
 
     @staticmethod
     def _style(spec: LinearSpec):
@@ -175,13 +179,8 @@ class AutomodelBackend(Backend):
             if not hasattr(module, STYLE) or _is_lora(module):
                 continue
             mesh, style, permutation = getattr(module, STYLE)
-            # skip_init: no draw from the generator, which the adapters' init is seeded on ([LORA-INIT-2])
-            full = skip_init(nn.Linear, module.in_features, module.out_features, bias=module.bias is not None,
-                             dtype=module.weight.dtype, device=module.weight.device)
-            with torch.no_grad():
-                full.weight.copy_(module.weight.full_tensor())
-                if module.bias is not None:
-                    full.bias.copy_(module.bias.full_tensor())
+            full = _linear_holding(module.weight.full_tensor(),
+                                   None if module.bias is None else module.bias.full_tensor())
             parent, _, child = name.rpartition(".")
             setattr(chunk.get_submodule(parent) if parent else chunk, child, full)
             found[name] = (mesh, style, permutation)
