@@ -59,6 +59,13 @@ def linear_candidates(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if name and is_linear_like(name, module)]
 
 
+def full_names(model: nn.Module, short_names) -> list[str]:
+    """The full names of the model's linear-like modules whose attribute name is one of `short_names`:
+    target_modules for properties that do not judge matching, so that a library's handling of bare
+    names ([LORA-MATCH-2], judged by its own properties) does not decide what they adapt."""
+    return [name for name in linear_candidates(model) if name.rsplit(".", 1)[-1] in short_names]
+
+
 def wildcard_regex(pattern: str) -> re.Pattern:
     """SPEC [LORA-MATCH-3]: `*` is any run of characters, dots included; everything else literal."""
     return re.compile("".join(".*" if ch == "*" else re.escape(ch) for ch in pattern))
@@ -267,30 +274,55 @@ def plans(backend, model, spec: ModelSpec, groups, dim: int, **kwargs) -> dict[s
 
 
 def check_adapter_shapes(backend, model, plan_by_name: dict) -> None:
-    """Every LoRA module's A and B have this rank's SPEC shard shapes."""
+    """Every LoRA module's A and B have this rank's SPEC shard shapes (for a backend with
+    "full_adapter": the full shapes, its shards being [LORA-FWD-2]'s business alone)."""
     modules = backend.lora_modules(model)
+    full = backend.supports("full_adapter")
     for name, plan in plan_by_name.items():
-        A, B = backend.adapter_weights(modules[name])
-        want_A, want_B = plan.local_shapes()
+        A, B = backend.full_adapter_weights(modules[name]) if full else backend.adapter_weights(modules[name])
+        want_A, want_B = plan.full_shapes if full else plan.local_shapes()
         for label, param, want in (("A", A, want_A), ("B", B, want_B)):
             if tuple(param.shape) != want:
                 (fa, fb) = plan.full_shapes
+                where = "in full" if full else "on this rank"
                 raise AssertionError(
-                    f"adapter {label} of {name} has shape {tuple(param.shape)} on this rank; SPEC gives {want} "
+                    f"adapter {label} of {name} has shape {tuple(param.shape)} {where}; SPEC gives {want} "
                     f"(a {plan.kind} base, rank {plan.rank}, full A {fa}, full B {fb}, sharded over "
                     f"{plan.size} rank(s){', stacked per local expert' if plan.experts is not None else ''})")
 
 
 def load_model_adapters(ctx, backend, model, plan_by_name: dict, seed: int) -> None:
-    """Write the suite's full A and B of every LoRA module (drawn by name) as this rank's SPEC shards."""
+    """Write the suite's full A and B of every LoRA module (drawn by name): whole through
+    load_full_adapter_weights for a backend with "full_adapter", else as this rank's SPEC shards."""
     check_adapter_shapes(backend, model, plan_by_name)
     modules = backend.lora_modules(model)
     for name, plan in plan_by_name.items():
         A, B = backend.adapter_weights(modules[name])
+        if backend.supports("full_adapter"):
+            full_A, full_B = plan.full_tensors(ctx, seed, _dense_key(plan))
+            backend.load_full_adapter_weights(modules[name], full_A.to(A.dtype), full_B.to(B.dtype))
+            continue
         A_local, B_local = plan.local_pieces(ctx, seed)
         with torch.no_grad():
             A.copy_(A_local.to(A.dtype))
             B.copy_(B_local.to(B.dtype))
+
+
+def full_adapter_gradients(ctx, backend, module, plan: AdapterPlan) -> tuple:
+    """The full gradients of a LoRA module's A and B (None where there is none): the backend's own
+    full form with "full_adapter", else this rank's gradients gathered as SPEC shards."""
+    if backend.supports("full_adapter"):
+        return backend.full_adapter_weights(module, grad=True)
+    A, B = backend.adapter_weights(module)
+    return tuple(None if p.grad is None else plan.gather(ctx, p.grad, which) for p, which in ((A, "A"), (B, "B")))
+
+
+def _dense_key(plan: AdapterPlan) -> str:
+    """The one key a non-stacked adapter's full A and B are drawn from (the full form of a per-expert
+    stack is not in the protocol: a backend with "full_adapter" and "moe" would need it)."""
+    if plan.experts is not None:
+        raise NotImplementedError(f"full adapters of per-expert stacks ({plan.name}) are not in the protocol")
+    return plan.keys()[0]
 
 
 def adapter_parameter_names(backend, model) -> dict[int, str]:

@@ -53,7 +53,9 @@ def make_plain_model(spec: ModelSpec) -> "PlainGPT":
 
 
 class PlainGPT(nn.Module):
-    """TinyGPT's math at TP = 1 with nn.Linear layers, under Megatron's names."""
+    """TinyGPT's math with nn.Linear layers, under Megatron's names: at TP = 1, or with its linears
+    sharded by a TP plan (whole heads per rank; `sequence_shard` under SP), as the Automodel backend
+    does."""
 
     def __init__(self, reference_model):
         super().__init__()
@@ -75,19 +77,27 @@ class PlainGPT(nn.Module):
             self.decoder.layers.append(layer)
         self.decoder.final_layernorm = reference_model.decoder.final_layernorm
         self.output_layer = _plain(reference_model.output_layer)
-        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        # Set by a TP plan with sequence parallelism (conformance/backends/automodel.py): (rank, size);
+        # the blocks then run on this rank's sequence shard, as Megatron's do under SP.
+        self.sequence_shard: tuple[int, int] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embedding(input_ids)                                   # (s, b, h)
-        s, b, h = x.shape
+        if self.sequence_shard is not None:
+            rank, size = self.sequence_shard
+            x = x.chunk(size, dim=0)[rank]                              # (s/t, b, h)
         for layer in self.decoder.layers:
-            qkv = layer.self_attention.linear_qkv(layer.input_layernorm(x)).view(s, b, self.heads, 3, h // self.heads)
+            # Under a TP plan linear_qkv returns whole heads of this rank: (s, b, 3h/t), head-major.
+            qkv = layer.self_attention.linear_qkv(layer.input_layernorm(x))
+            s, b, width = qkv.shape
+            qkv = qkv.view(s, b, width // (3 * self.head_dim), 3, self.head_dim)
             q, k, v = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3))
-            context = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3).reshape(s, b, h)
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3).reshape(s, b, -1)
             x = x + layer.self_attention.linear_proj(context)
             hidden = layer.mlp.linear_fc1(layer.pre_mlp_layernorm(x))
             if self.config.gated_linear_unit:
-                gate, up = hidden.chunk(2, dim=-1)
+                gate, up = hidden.chunk(2, dim=-1)                      # a TP plan keeps [gate_r; up_r] per rank
                 hidden = F.silu(gate) * up
             else:
                 hidden = F.gelu(hidden)

@@ -23,8 +23,15 @@ exactly that, one base layer at a time:
 
 Not offered: Megatron's skip_bias_add and a2a (nn.Linear has neither), the init methods Automodel has
 no name for (A: "xavier" is xavier_normal_, anything else kaiming_uniform_(a=sqrt(5)); B is always
-zero), merge (Automodel's `materialize_effective_weight` is not a merge of TP weights), models (the
-tiny Megatron-named model is not parallelized with a plan here yet), MoE and VLM. Installing:
+zero), merge (Automodel's `materialize_effective_weight` is not a merge of TP weights), MoE and VLM.
+
+Models: `make_model("gpt")` is the suite's TinyGPT of nn.Linear layers (conformance/plain.py)
+parallelized with a plan of the same styles, Megatron's way: linear_qkv / linear_fc1 column (whole
+heads and [gate_r; up_r] per rank), linear_proj / linear_fc2 row, output_layer column with its output
+replicated; under SP the blocks run on the sequence shard. The model and its plan are glue written for
+this backend (Automodel's parallelizer plans Hugging Face models), declared in `borrowed`, so the
+properties that judge `make_model` are "not applicable"; matching, injection, freezing and TP
+invariance of the adapted model are Automodel's. Installing:
 `pip install "tp-lora-reference[automodel]"` then `pip install --no-deps nemo-automodel==0.7.0`
 (its own pins are far heavier than what these two modules import: docs/backends.md).
 """
@@ -41,7 +48,9 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.utils import skip_init
 
-from ..backend import Backend, Groups, LinearSpec, import_optional
+from ..backend import Backend, Groups, LinearSpec, ModelSpec, import_optional
+from ..model_case import COLUMN_NAMES, ROW_NAMES
+from ..plain import make_plain_model
 
 STYLE = "_conformance_tp_style"      # on a TP base: (mesh, style, row permutation or None)
 
@@ -79,17 +88,29 @@ def _stride_permutation(out_features: int, tp: int, stride: int) -> torch.Tensor
     return torch.cat([torch.cat([b.chunk(tp)[r] for b in blocks]) for r in range(tp)])
 
 
+def _style(kind: str, sequence_parallel: bool, gather_output: bool, input_is_parallel: bool):
+    """torch's style for a base, as an Automodel TP plan names it (translate_to_lora maps it)."""
+    if kind == "column":
+        return ColwiseParallel(input_layouts=Shard(0) if sequence_parallel else Replicate(),
+                               output_layouts=Replicate() if gather_output else Shard(-1))
+    return RowwiseParallel(input_layouts=Shard(-1) if input_is_parallel else Replicate(),
+                           output_layouts=Shard(0) if sequence_parallel else Replicate())
+
+
 class AutomodelBackend(Backend):
     name = "nemo-automodel"
     capabilities = {"tp": True, "sp": True, "linear": True, "relayout": True, "lora_dtype": True,
-                    "full_adapter": True, "dropout_position": {"pre", "post"},
+                    "full_adapter": True, "models": True, "dropout_position": {"pre", "post"},
                     "init_methods": {"A:xavier", "A:kaiming", "B:zero"}}
     borrowed = {"validate_config": "glue: the suite's config copied field by field into Automodel's PeftConfig "
-                                   "(a plain dataclass that checks nothing)"}
+                                   "(a plain dataclass that checks nothing)",
+                "make_model": "glue: the suite's TinyGPT of nn.Linear layers with a TP plan written for this "
+                              "backend (Automodel's parallelizer plans Hugging Face models)"}
 
     def __init__(self):
         self._meshes: dict[int, object] = {}       # tp -> 1-D TP DeviceMesh (groups are reused)
         self._by_group: dict[object, object] = {}  # TP process group -> its mesh
+        self._groups: Groups | None = None         # the layout of the last init_parallel (make_model's)
 
     def describe(self) -> str:
         _lora()
@@ -109,11 +130,13 @@ class AutomodelBackend(Backend):
             self._meshes[tp] = mesh
             self._by_group[mesh.get_group()] = mesh
         mesh = self._meshes[tp]
-        return Groups(mesh.get_group(), tp, mesh.get_local_rank())
+        self._groups = Groups(mesh.get_group(), tp, mesh.get_local_rank())
+        return self._groups
 
     def reset_parallel(self) -> None:
         self._meshes.clear()
         self._by_group.clear()
+        self._groups = None
 
     # -- layers -------------------------------------------------------------------------------
     def make_linear(self, spec: LinearSpec) -> nn.Module:
@@ -127,16 +150,35 @@ class AutomodelBackend(Backend):
         if permutation is not None:
             weight, bias = weight[permutation], None if bias is None else bias[permutation]
         mesh = self._by_group[spec.groups.tp_group]
-        return self._parallelize(_linear_holding(weight, bias), mesh, self._style(spec), permutation)
+        style = _style(spec.kind, spec.sequence_parallel, spec.gather_output, spec.input_is_parallel)
+        return self._parallelize(_linear_holding(weight, bias), mesh, style, permutation)
 
-    @staticmethod
-    def _style(spec: LinearSpec):
-        """torch's style for the base, as an Automodel TP plan names it (translate_to_lora maps it)."""
-        if spec.kind == "column":
-            return ColwiseParallel(input_layouts=Shard(0) if spec.sequence_parallel else Replicate(),
-                                   output_layouts=Replicate() if spec.gather_output else Shard(-1))
-        return RowwiseParallel(input_layouts=Shard(-1) if spec.input_is_parallel else Replicate(),
-                               output_layouts=Shard(0) if spec.sequence_parallel else Replicate())
+    def make_model(self, spec: ModelSpec) -> nn.Module:
+        """TinyGPT of nn.Linear layers (conformance/plain.py) with a TP plan of torch's styles on the
+        mesh of the last init_parallel (see the module docstring); no plan at TP = 1."""
+        if spec.kind != "gpt":
+            raise NotImplementedError(f"no {spec.kind} model for the Automodel backend")
+        model = make_plain_model(spec)
+        groups = self._groups or self.init_parallel(1)
+        if groups.tp_size == 1:
+            return model
+        mesh, tp, sp = self._by_group[groups.tp_group], groups.tp_size, spec.sequence_parallel
+        if sp:
+            model.sequence_shard = (groups.tp_rank, tp)
+        for name, module in list(model.named_modules()):
+            short = name.rsplit(".", 1)[-1]
+            if short not in COLUMN_NAMES + ROW_NAMES:
+                continue
+            kind = "column" if short in COLUMN_NAMES else "row"
+            gated_fc1 = spec.gated_linear_unit and short == "linear_fc1"
+            permutation = _stride_permutation(module.out_features, tp, 2) if gated_fc1 else None
+            if permutation is not None:
+                module = _linear_holding(module.weight[permutation],
+                                         None if module.bias is None else module.bias[permutation])
+            style = _style(kind, sp, gather_output=short == "output_layer", input_is_parallel=True)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, self._parallelize(module, mesh, style, permutation))
+        return model
 
     @staticmethod
     def _parallelize(linear: nn.Module, mesh, style, permutation) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 from ..backend import ModelSpec
-from ..model_case import returned_model
+from ..model_case import DEFAULT_TARGETS, full_names, returned_model
 from ..configs import lora
 from ..layer_case import (adapter_tensors, add_lora, build, build_base, fit_layout, fit_to_backend, layer_examples,
                           plain_example, run)
@@ -176,7 +176,8 @@ def zero_B_leaves_the_layer_unchanged(ctx, backend, ex):
           [{"tp": t, "sp": sp, "gated": sp, "seed": 0, "b": 1, "s_per_tp": 1}
            for t in ctx.tp_sizes for sp in ((False, True) if t > 1 else (False,))]))
 def zero_B_leaves_tiny_gpt_unchanged(ctx, backend, ex):
-    """TinyGPT's logits with default-initialized LoRA on every default target equal those without."""
+    """TinyGPT's logits with default-initialized LoRA on every default target (by full name) equal those
+    without."""
     t, sp = fit_layout(ctx, backend, ex)
     backend.init_parallel(t)
     spec = ModelSpec(kind="gpt", seed=ex["seed"], sequence_parallel=sp, gated_linear_unit=ex["gated"],
@@ -185,7 +186,7 @@ def zero_B_leaves_tiny_gpt_unchanged(ctx, backend, ex):
     generator = torch.Generator().manual_seed(ex["seed"] + 7)
     ids = torch.randint(0, spec.vocab_size, (ex["b"], t * ex["s_per_tp"]), generator=generator).to(ctx.device)
     before = backend.model_forward(model, spec, {"input_ids": ids})
-    config = backend.validate_config(lora(dim=8, alpha=16))
+    config = backend.validate_config(lora(target_modules=full_names(model, DEFAULT_TARGETS), dim=8, alpha=16))
     torch.manual_seed(ex["seed"])
     model = returned_model(model, backend.apply_lora(model, config, training=True))
     ctx.check(len(backend.lora_modules(model)) > 0, "LoRA with the default targets wrapped no TinyGPT module")

@@ -3,8 +3,9 @@
 Adapter parameters are those backend.adapter_weights returns for the modules backend.lora_modules
 lists; every other parameter is a base parameter. For TP invariance the suite draws the full A and B
 of every LoRA module from the module's name (conformance/model_case.py) and writes this rank's SPEC
-shards into it ([LORA-FWD-2]); loading A too keeps [LORA-INIT-2] (the same drawn A at every TP size)
-out of this check.
+shards into it ([LORA-FWD-2]; a backend with "full_adapter": the full A and B); loading A too keeps
+[LORA-INIT-2] (the same drawn A at every TP size) out of this check. Modules are selected by full name
+(model_case.full_names): selection by bare name is [LORA-MATCH-2]'s, judged in matching.py.
 
 Adapters off and on ([LORA-INJ-6]) and checkpoint keys ([LORA-INJ-7]) are judged on TinyGPT with
 non-zero adapters (the suite's A and B, loaded as above): off, the logits are the base model's, bit
@@ -28,6 +29,8 @@ from ..model_case import (
     DEFAULT_TARGETS,
     adapter_parameter_names,
     apply_quietly,
+    full_adapter_gradients,
+    full_names,
     load_model_adapters,
     pattern_selects,
     plans,
@@ -64,8 +67,10 @@ def _draw_model_example(draw, ctx, tp=None, targets=None):
 
 
 
-def _config(ex, **fields):
-    return lora(target_modules=list(TARGET_SETS[ex["targets"]]), dim=ex["dim"], alpha=ex["alpha"], **fields)
+def _config(ex, model, **fields):
+    """LoRA on TARGET_SETS[ex["targets"]], named by full name (model_case.full_names)."""
+    return lora(target_modules=full_names(model, TARGET_SETS[ex["targets"]]), dim=ex["dim"], alpha=ex["alpha"],
+                **fields)
 
 
 def _build(ctx, backend, ex, tp, sp):
@@ -86,7 +91,7 @@ def apply_trains_exactly_the_adapters(ctx, backend, ex):
     tp, sp = fit_layout(ctx, backend, ex)
     _, _, model = _build(ctx, backend, ex, tp, sp)
     model.eval()
-    model, _ = apply_quietly(backend, model, _config(ex), training=True)
+    model, _ = apply_quietly(backend, model, _config(ex, model), training=True)
     adapters = adapter_parameter_names(backend, model)
     ctx.check(bool(adapters), f"target_modules={TARGET_SETS[ex['targets']]}: no module got an adapter")
     frozen_adapters = [label for p in model.parameters() if id(p) in adapters and not p.requires_grad
@@ -105,14 +110,14 @@ def inference_freezes_everything(ctx, backend, ex):
     tp, sp = fit_layout(ctx, backend, ex)
     _, _, model = _build(ctx, backend, ex, tp, sp)
     model.train()
-    model, _ = apply_quietly(backend, model, _config(ex), training=False)
+    model, _ = apply_quietly(backend, model, _config(ex, model), training=False)
     ctx.check(bool(backend.lora_modules(model)), "training=False: no module got an adapter")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     ctx.check(not trainable, f"after apply_lora(training=False) these require grad: {trainable[:4]}")
     _check_modes(ctx, model, False, "after apply_lora(training=False)")
 
 
-# Re-application configs ([LORA-INJ-3]): bare names (TARGET_SETS), wildcards, and exclude mode.
+# Re-application configs ([LORA-INJ-3]): full names (TARGET_SETS), wildcards, and exclude mode.
 REAPPLY = {"wildcard": [["*.mlp.*"], ["*.layers.0.*"], ["*linear_*"], ["*"]],
            "exclude": [["linear_proj"], ["*.mlp.*"], ["output_layer", "*.layers.0.*"]]}
 
@@ -134,9 +139,9 @@ def _draw_reapply_example(draw, ctx):
     return ex
 
 
-def _reapply_config(ex):
+def _reapply_config(ex, model):
     if ex["mode"] == "names":
-        return _config(ex)
+        return _config(ex, model)
     patterns = list(REAPPLY[ex["mode"]][ex["patterns"]])
     if ex["mode"] == "wildcard":
         return lora(target_modules=patterns, dim=ex["dim"], alpha=ex["alpha"])
@@ -146,12 +151,12 @@ def _reapply_config(ex):
 @prop("LORA-INJ-3", needs={"models"}, weight=0.5, requires=FORWARD_MATH,
       strategy=_reapply_examples)
 def applying_twice_changes_nothing(ctx, backend, ex):
-    """A second apply_lora with the same config (bare names, wildcards or exclude mode): the same
+    """A second apply_lora with the same config (full names, wildcards or exclude mode): the same
     adapted modules, trainable parameters, adapter values and logits; no wrapper wrapped again and no
     adapter inside an adapted module."""
     tp, sp = fit_layout(ctx, backend, ex)
     groups, spec, model = _build(ctx, backend, ex, tp, sp)
-    config = _reapply_config(ex)
+    config = _reapply_config(ex, model)
     model, _ = apply_quietly(backend, model, config, training=True)
     load_model_adapters(ctx, backend, model, plans(backend, model, spec, groups, ex["dim"]), ex["seed"])
     ids = token_ids(ctx, spec, batch=2, seq=4 * tp, seed=ex["seed"] + 1)
@@ -203,9 +208,9 @@ INJ4_PATTERNS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "{pare
            for kind in ("column", "row", "linear")
            for pattern, chunks in (("linear_fc1", 1), ("{parent}.*", 2), ("self_attention.*", 1))]))
 def transform_wraps_a_selected_module_only(ctx, backend, ex):
-    """A lone base layer named by its parent and attribute name is wrapped iff a pattern selects it;
-    an unselected one is left as it is; a wrapper is left as it is on a second apply; a list of
-    chunks is accepted, each chunk transformed."""
+    """A lone base layer named by its parent and attribute name is adapted (wrapped, or patched in
+    place) iff a pattern selects it; an unselected one is left as it is; an adapted one is left as it
+    is on a second apply; a list of chunks is accepted, each chunk transformed."""
     kind = ex["kind"]
     if kind != "linear" and not backend.supports("tp") and backend.supports("linear"):
         kind = "linear"                      # the point is the transform, not the base kind
@@ -238,7 +243,10 @@ def transform_wraps_a_selected_module_only(ctx, backend, ex):
         names = set(backend.lora_modules(chunk))
         if selected:
             ctx.check(names == {full_name}, f"{where}: adapted modules {sorted(names)}, expected [{full_name!r}]")
-            ctx.check(layer is not base, f"{where}: the selected module was not replaced by a wrapper")
+            # Wrapped (a new module) or patched in place (Automodel swaps the class): either way the
+            # module at that name is the one lora_modules reports.
+            ctx.check(backend.lora_modules(chunk).get(full_name) is layer,
+                      f"{where}: the module at {full_name} is not the adapted module lora_modules reports")
         else:
             ctx.check(not names, f"{where}: adapted {sorted(names)}, but the pattern does not select it")
             ctx.check(layer is base or not in_place, f"{where}: the unselected module was replaced")
@@ -281,7 +289,7 @@ def adapted_model_is_tp_invariant(ctx, backend, ex):
 
 def _forward_backward(ctx, backend, ex, tp, sp):
     groups, spec, model = _build(ctx, backend, ex, tp, sp)
-    model, _ = apply_quietly(backend, model, _config(ex), training=True)
+    model, _ = apply_quietly(backend, model, _config(ex, model), training=True)
     plan_by_name = plans(backend, model, spec, groups, ex["dim"])
     load_model_adapters(ctx, backend, model, plan_by_name, ex["seed"])
     ids = token_ids(ctx, spec, batch=2, seq=8, seed=ex["seed"] + 1)
@@ -292,9 +300,9 @@ def _forward_backward(ctx, backend, ex, tp, sp):
     modules = backend.lora_modules(model)
     grads = {}
     for name, plan in plan_by_name.items():
-        A, B = backend.adapter_weights(modules[name])
-        ctx.check(A.grad is not None and B.grad is not None, f"the adapter of {name} got no gradient (TP {tp})")
-        grads[name] = (plan.gather(ctx, A.grad, "A").double(), plan.gather(ctx, B.grad, "B").double())
+        dA, dB = full_adapter_gradients(ctx, backend, modules[name], plan)
+        ctx.check(dA is not None and dB is not None, f"the adapter of {name} got no gradient (TP {tp})")
+        grads[name] = (dA.double(), dB.double())
     return logits.detach().double(), grads
 
 
@@ -312,7 +320,7 @@ def _adapted_with_weights(ctx, backend, ex):
     base_state = _snapshot(model.state_dict())
     with torch.no_grad():
         base_logits = backend.model_forward(model, spec, {"input_ids": ids})
-    model, _ = apply_quietly(backend, model, _config(ex, dropout=ex["dropout"]), training=True)
+    model, _ = apply_quietly(backend, model, _config(ex, model, dropout=ex["dropout"]), training=True)
     load_model_adapters(ctx, backend, model, plans(backend, model, spec, groups, ex["dim"]), ex["seed"])
     model.eval()
     return spec, model, ids, base_logits, base_state

@@ -17,6 +17,7 @@ from ..model_case import (
     DEFAULT_TARGETS,
     apply_quietly,
     expected_selection,
+    full_names,
     linear_candidates,
     unmatched_targets,
 )
@@ -76,13 +77,15 @@ def _fill(template: str, i: int, n: int) -> str:
       strategy=lambda ctx: with_explicit(st.fixed_dictionaries({"num_layers": st.integers(1, 12)}),
                                          [{"num_layers": 1}, {"num_layers": 12}]))
 def full_names_are_dotted_module_paths(ctx, backend, ex):
-    """Default targets: the adapted modules' full names are the dotted paths of named_modules()."""
+    """The default targets given by their full names: the adapted modules' full names are exactly
+    those dotted paths of named_modules() (bare names are [LORA-MATCH-2]'s)."""
     model, candidates = _model(backend, ex["num_layers"])
-    got = _selected(ctx, backend, model, DEFAULT_TARGETS)
-    want = expected_selection(candidates, DEFAULT_TARGETS)
+    targets = full_names(model, DEFAULT_TARGETS)
+    got = _selected(ctx, backend, model, targets)
+    want = expected_selection(candidates, targets)
     ctx.check(f"decoder.layers.{ex['num_layers'] - 1}.self_attention.linear_qkv" in want,
               "the model lacks Megatron's names (decoder.layers.N.self_attention.linear_qkv, SPEC [TP-MODEL-1])")
-    _compare(ctx, got, want, "full names with the default target_modules")
+    _compare(ctx, got, want, "the default targets by full name")
     names = {name for name, _ in model.named_modules()}
     ctx.check(got <= names, "lora_modules() names modules that model.named_modules() does not list")
 
