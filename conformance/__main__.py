@@ -36,7 +36,7 @@ from .backends.reference import ReferenceBackend
 from .context import Context
 from .layout import DTYPES
 from .registry import explicit_examples, load_all
-from .runner import (FAIL, NA, NOT_CHECKED, SKIP, XFAIL, XPASS, Outcome, PeerLost, Progress, RunOptions,
+from .runner import (FAIL, NA, NOT_CHECKED, SKIP, XFAIL, XPASS, Outcome, PeerLost, Progress, RunOptions, abandon_groups,
                      run_property)
 
 PROFILES = {"quick": 4, "default": 25, "thorough": 100}
@@ -340,6 +340,7 @@ def main(argv=None) -> int:
     ctx = Context(world, rank, device, control_group, dtypes=("float32", *extra),
                   tp_sizes=[t for t in backend.tp_sizes(world) if world % t == 0] or [1],
                   capabilities=capability_values(backend.capabilities))
+    ctx.release_groups = lambda: abandon_groups(ctx, backend)
 
     budget = args.max_examples or PROFILES[args.profile]
     options = RunOptions(budget=budget, seed=args.seed, timeout_s=args.timeout, backend_spec=args.backend,

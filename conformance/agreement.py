@@ -9,9 +9,14 @@ gathers those: two all-gathers, the lengths first, then the bytes padded to the 
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 import torch.distributed as dist
+
+# A rank that raised waits this long at the agreement for the others before it releases them: one
+# still inside a collective with it would otherwise wait there until the collective's timeout.
+RELEASE_AFTER_S = 0.5
 
 
 def all_gather_json(value, group) -> list:
@@ -33,3 +38,27 @@ def all_gather_json(value, group) -> list:
     parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
     dist.all_gather(parts, padded, group=group)
     return [json.loads(bytes(part[:int(n.item())].tolist()).decode("utf-8")) for part, n in zip(parts, lengths)]
+
+
+def meet(group, raised: bool, release, after_s: float = RELEASE_AFTER_S) -> bool:
+    """A barrier on `group` (gloo). A rank that `raised` and still waits after `after_s` calls
+    `release()` once (it closes the groups a peer may be blocked in, so that peer's collective fails at
+    once) and keeps waiting. Returns whether this rank released."""
+    if dist.get_world_size(group) == 1:
+        return False
+    work = dist.barrier(group=group, async_op=True)
+    deadline = time.monotonic() + after_s
+    while raised and not work.is_completed():
+        if time.monotonic() > deadline:
+            release()
+            work.wait()
+            return True
+        time.sleep(0.002)
+    work.wait()
+    return False
+
+
+def closed_by_peer(summary: str) -> bool:
+    """Whether an error is what a collective raises when a peer closed the group (released it, or died)."""
+    text = summary.lower()
+    return "closed by peer" in text or "reset by peer" in text

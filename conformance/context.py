@@ -8,12 +8,13 @@ suite's own and never the backend's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from .agreement import all_gather_json
+from .agreement import all_gather_json, closed_by_peer, meet
 from .backend import supports
 from .layout import TOLERANCES
 
@@ -38,6 +39,9 @@ class Context:
     capabilities: dict = field(default_factory=dict)  # the backend's, as backend.capability_values gives them
 
     ran_changes: dict = field(default_factory=dict)   # set by `ran` during one example; reset by the runner
+    # Closes every process group but the suite's and forgets them (runner.abandon_groups, set by the
+    # runner): what a rank that raised calls when the others do not come to the agreement.
+    release_groups: Callable[[], None] = lambda: None
 
     def __post_init__(self):
         if not self.tp_sizes:
@@ -115,14 +119,20 @@ def raises_everywhere(ctx: Context, fn, errors: tuple, what: str, mentions: tupl
         outcome = None
     except Exception as error:   # noqa: BLE001 - which error the backend raised is the verdict
         outcome = [type(error).__name__, isinstance(error, errors), str(error)]
-    outcomes = all_gather_json(outcome, ctx.control_group)
+    released = meet(ctx.control_group, outcome is not None, ctx.release_groups)
+    outcomes, releases = zip(*all_gather_json([outcome, released], ctx.control_group))
+    if any(releases):              # some rank did not come: it was inside a collective, now closed
+        ctx.release_groups()
+        outcomes = [o if o is None or not closed_by_peer(o[2]) else
+                    ["no error (it went into a collective, released after the others raised)", False, ""]
+                    for o in outcomes]
     wanted = " or ".join(e.__name__ for e in errors)
     distinct = []
     for o in outcomes:
         if o not in distinct:
             distinct.append(o)
     if len(distinct) > 1:
-        described = "; ".join("nothing raised" if o is None else f"{o[0]}: {o[2]}" for o in distinct)
+        described = "; ".join("nothing raised" if o is None else f"{o[0]}: {o[2]}".rstrip(": ") for o in distinct)
         raise AssertionError(f"{what}: the ranks did not all raise the same error ({described})")
     if outcome is None:
         raise AssertionError(f"{what}: no {wanted} was raised")

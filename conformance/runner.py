@@ -13,6 +13,7 @@ runner rebuilds the process groups before the next property (old ones may be out
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -27,7 +28,7 @@ from hypothesis.internal.conjecture import engine as _hypothesis_engine
 
 from reference.parallel import destroy_model_parallel
 
-from .agreement import all_gather_json
+from .agreement import all_gather_json, closed_by_peer, meet
 from .context import NotOwnCode
 from .registry import Property, explicit_examples
 
@@ -74,7 +75,10 @@ def _is_timeout(error: BaseException) -> bool:
 
 
 def spmd_call(ctx, fn) -> None:
-    """Run fn() on this rank, then agree with every rank on the outcome (a collective on the control group)."""
+    """Run fn() on this rank, then agree with every rank on the outcome (collectives on the control
+    group). A rank that raised while another is still inside a collective with it releases that rank
+    (agreement.meet, ctx.release_groups): the example fails in a second with the raising rank's error,
+    not after the collective timeout as a hang."""
     failure = None
     try:
         fn()
@@ -85,11 +89,17 @@ def spmd_call(ctx, fn) -> None:
         failure = {"summary": summary[:4000], "timeout": _is_timeout(error),
                    "where": _innermost_frame(error)}
     try:
-        outcomes = all_gather_json(failure, ctx.control_group)
+        released = meet(ctx.control_group, failure is not None and "not_own" not in failure, ctx.release_groups)
+        outcomes = all_gather_json([failure, released], ctx.control_group)
     except RuntimeError as error:      # gloo: "Connection closed by peer", "Connection reset by peer", ...
         raise PeerLost(_first_lines(str(error), limit=2)) from None
-    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None and "not_own" not in f]
-    not_own = [f["not_own"] for f in outcomes if f is not None and "not_own" in f]
+    releasing = [rank for rank, (_, was) in enumerate(outcomes) if was]
+    if releasing:
+        ctx.release_groups()           # every rank: the closed groups are rebuilt by the next layout
+    failed = [(rank, f) for rank, (f, _) in enumerate(outcomes) if f is not None and "not_own" not in f]
+    waiting = [rank for rank, f in failed if releasing and rank not in releasing and closed_by_peer(f["summary"])]
+    failed = [(rank, f) for rank, f in failed if rank not in waiting]
+    not_own = [f["not_own"] for f, _ in outcomes if f is not None and "not_own" in f]
     if not failed and not_own:
         raise NotOwnCode(not_own[0])
     if not failed:
@@ -103,6 +113,9 @@ def spmd_call(ctx, fn) -> None:
                      for (summary, where), ranks in list(same.items())[:4])
     if len(same) > 4:
         text += f"\n  ... and {len(same) - 4} more distinct failures"
+    if waiting:
+        text += (f"\n  (rank{'s' if len(waiting) > 1 else ''} {', '.join(map(str, waiting))}, inside a collective "
+                 f"with the failing rank, released)")
     if any(f["timeout"] for _, f in failed):
         raise CollectiveHang(f"a collective timed out (hung or mismatched across ranks):\n{text}")
     kind = failure_kind(f["summary"] for _, f in failed)
@@ -291,8 +304,21 @@ def _first_lines(text: str, limit: int = 40) -> str:
     return "\n".join(lines[:limit]) + (f"\n  ... ({len(lines) - limit} more lines)" if len(lines) > limit else "")
 
 
-def recover_groups(ctx, backend) -> None:
-    """After a timed-out collective: drop cached groups so the next layout creates fresh ones."""
+def abandon_groups(ctx, backend) -> None:
+    """Close every process group but the suite's own (the control group and WORLD) and forget them
+    (the reference's cache, the backend's): a gloo group's sockets close with it, so a rank blocked in
+    a collective on it gets an error at once. The next layout creates fresh groups. On NCCL a blocked
+    peer is not woken this way; the collective timeout ends its wait."""
     destroy_model_parallel(forget_groups=True)
     backend.reset_parallel()
+    keep = {ctx.control_group, dist.GroupMember.WORLD}
+    for group in list(dist.distributed_c10d._world.pg_map):     # every group made so far
+        if group not in keep:
+            dist.destroy_process_group(group)
+    gc.collect()                    # the last references (cycles through modules) go, and the sockets close
+
+
+def recover_groups(ctx, backend) -> None:
+    """After a timed-out collective: fresh groups for the next layout (the old ones may be out of step)."""
+    abandon_groups(ctx, backend)
     dist.barrier(group=ctx.control_group)

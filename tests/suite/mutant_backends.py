@@ -752,6 +752,26 @@ class HangingCollectiveBackend(_Mutant):
         return model
 
 
+class OneRankRaisesBackend(_Mutant):
+    """In the adapter forward of a TP-parallel layer (tp > 1), rank 1 raises before the adapter's
+    collectives while rank 0 goes into them: rank 0 would wait there until the collective timeout
+    unless rank 1 releases it."""
+
+    def apply_lora(self, model, config, training=True):
+        model = super().apply_lora(model, config, training)
+        for adapter in _adapters(model, kinds=("column", "row"), include_experts=False):
+            if adapter.tp_size > 1:
+                original = adapter.forward
+
+                def forward(self, x, *args, _original=original, **kwargs):
+                    if dist.get_rank(self.tp_group) == 1:
+                        raise RuntimeError("mutant: rank 1 of the TP group fails")      # BUG: one rank only
+                    return _original(x, *args, **kwargs)
+
+                adapter.forward = types.MethodType(forward, adapter)
+        return model
+
+
 class DyingRankBackend(_Mutant):
     """Rank 1 exits (os._exit(5)) the first time apply_lora is called."""
 

@@ -275,6 +275,23 @@ def test_hanging_collective_fails_the_property_and_the_run_goes_on():
     assert "ran past" not in run.output, "the watchdog had to stop a rank"
 
 
+def test_one_rank_raising_ends_its_property_in_seconds():
+    """Rank 1 raises while rank 0 waits in a collective with it, at --timeout 120: rank 1 releases rank
+    0 (closes the backend's groups), so the property fails in seconds with rank 1's error, not as a
+    HANG after the timeout; the next property runs on fresh groups and passes."""
+    run = conformance("-k", HANG_SELECT, "--max-examples", "10", "--timeout", "120",
+                      backend=_mutant_spec(mutant_backends.OneRankRaisesBackend), timeout=150, torchrun=True)
+    assert run.rc == 1 and run.report is not None, run.explain()
+    props = run.props()
+    failed = props["forward.parallel_forward_matches_full_math"]
+    assert failed["status"] == "failed" and not failed["message"].startswith("HANG"), failed
+    assert "rank 1: RuntimeError: mutant: rank 1 of the TP group fails" in failed["message"], failed
+    assert "rank 0, inside a collective with the failing rank, released" in failed["message"], failed
+    assert failed["seconds"] <= 5, f"the property took {failed['seconds']:.1f} s"
+    later = props["forward.linear_forward_matches_full_math"]
+    assert later["status"] == "passed" and later["examples"] > 0, later
+
+
 def test_watchdog_stop_is_in_the_report():
     """A rank stuck outside any collective is stopped by the watchdog (3 x --timeout) with exit code 3;
     the report, written before the first property, records which rank, which property and where."""
