@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import check_init_method, init_full_weight
-from .layout import BaseLayout, from_layout
+from .layout import BaseLayout, check_flags, from_layout
 from .parallel import (
     check_divisible,
     copy_to_tensor_parallel_region,
@@ -56,9 +56,13 @@ def _check_size(name: str, value) -> None:
 
 
 def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
-                 sequence_parallel: bool, tp_size: int, seq_divisible: bool) -> None:
+                 sequence_parallel: bool, tp_size: int, seq_divisible: bool, dtype: torch.dtype) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{layer}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    # Another floating dtype is the caller's business under autocast (F.linear casts); otherwise the
+    # matmul would fail deep inside, or on one rank after another rank's collective started.
+    if x.dtype != dtype and not (x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"{layer}: {name} must have the layer's dtype {dtype}, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != expected_last:
         raise ValueError(
             f"{layer}: {name} must have last dim {expected_last}, got shape {tuple(x.shape)}"
@@ -74,6 +78,8 @@ def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
 def _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_output, stride,
                    explicit_expert_comm) -> BaseLayout:
     """A ColumnParallelLinear's checked layout; the TP group is resolved here, once."""
+    check_flags(sequence_parallel=sequence_parallel, gather_output=gather_output,
+                explicit_expert_comm=explicit_expert_comm)
     group = resolve_tp_group(tp_group)
     _check_size("output_size", output_size)
     _check_size("stride", stride)        # before it divides anything
@@ -84,14 +90,15 @@ def _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_
     if explicit_expert_comm and (gather_output or sequence_parallel):
         raise ValueError("explicit_expert_comm=True allows neither gather_output nor sequence_parallel")
     _check_size("input_size", input_size)
-    return BaseLayout.over("column", input_size, output_size, group, sequence_parallel=bool(sequence_parallel),
-                           gather_output=bool(gather_output), stride=stride,
-                           explicit_expert_comm=bool(explicit_expert_comm))
+    return BaseLayout.over("column", input_size, output_size, group, sequence_parallel=sequence_parallel,
+                           gather_output=gather_output, stride=stride, explicit_expert_comm=explicit_expert_comm)
 
 
 def _row_layout(input_size, output_size, tp_group, sequence_parallel, input_is_parallel,
                 explicit_expert_comm, bias) -> BaseLayout:
     """A RowParallelLinear's checked layout (`bias` only for the expert check); the group resolved once."""
+    check_flags(sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel,
+                explicit_expert_comm=explicit_expert_comm, bias=bias)
     group = resolve_tp_group(tp_group)
     _check_size("input_size", input_size)
     check_divisible("input_size", input_size, dist.get_world_size(group), "the TP size")
@@ -102,9 +109,8 @@ def _row_layout(input_size, output_size, tp_group, sequence_parallel, input_is_p
         raise ValueError("explicit_expert_comm=True requires bias=False, sequence_parallel=False "
                          "and input_is_parallel=True (its output is a partial sum)")
     _check_size("output_size", output_size)
-    return BaseLayout.over("row", input_size, output_size, group, sequence_parallel=bool(sequence_parallel),
-                           input_is_parallel=bool(input_is_parallel),
-                           explicit_expert_comm=bool(explicit_expert_comm))
+    return BaseLayout.over("row", input_size, output_size, group, sequence_parallel=sequence_parallel,
+                           input_is_parallel=input_is_parallel, explicit_expert_comm=explicit_expert_comm)
 
 
 class _ParallelLinear(nn.Module):
@@ -124,7 +130,7 @@ class _ParallelLinear(nn.Module):
         if not isinstance(params_dtype, torch.dtype) or not params_dtype.is_floating_point:
             raise ValueError(f"params_dtype must be a floating torch.dtype, got {params_dtype!r}")
         self.layout = layout
-        self.skip_bias_add = bool(skip_bias_add)
+        self.skip_bias_add = skip_bias_add
         self.init_method = init_method
         output_size, input_size = layout.output_size, layout.input_size
         device = default_device() if device is None else torch.device(device)
@@ -210,6 +216,7 @@ class ColumnParallelLinear(_ParallelLinear):
                  skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
                  params_dtype: torch.dtype = torch.float32, device=None, stride: int = 1,
                  explicit_expert_comm: bool = False):
+        check_flags(bias=bias, skip_bias_add=skip_bias_add)
         layout = _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_output, stride,
                                 explicit_expert_comm)
         super().__init__(layout, bias=bias, skip_bias_add=skip_bias_add, init_method=init_method,
@@ -231,7 +238,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("ColumnParallelLinear", "input", x, self.input_size, self.sequence_parallel,
-                     self.tp_size, seq_divisible=False)
+                     self.tp_size, seq_divisible=False, dtype=self.weight.dtype)
         if self.sequence_parallel:
             return gather_from_sequence_parallel_region(x, self.tp_group)  # (s/t, b, in) -> (s, b, in)
         if self.explicit_expert_comm:
@@ -278,6 +285,7 @@ class RowParallelLinear(_ParallelLinear):
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
                  skip_bias_add: bool = False, init_method: str = "xavier", tp_group=None,
                  params_dtype: torch.dtype = torch.float32, device=None, explicit_expert_comm: bool = False):
+        check_flags(skip_bias_add=skip_bias_add)
         layout = _row_layout(input_size, output_size, tp_group, sequence_parallel, input_is_parallel,
                              explicit_expert_comm, bias)
         super().__init__(layout, bias=bias, skip_bias_add=skip_bias_add, init_method=init_method,
@@ -300,7 +308,7 @@ class RowParallelLinear(_ParallelLinear):
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.input_size_per_partition if self.input_is_parallel else self.input_size
         _check_input("RowParallelLinear", "input", x, expected, self.sequence_parallel,
-                     self.tp_size, seq_divisible=True)
+                     self.tp_size, seq_divisible=True, dtype=self.weight.dtype)
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group)      # (s, b, in) -> (s, b, in/t)
         return x

@@ -18,6 +18,7 @@ input_is_parallel for row); elsewhere the flag holds its neutral value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Literal
 
 import torch.distributed as dist
@@ -26,6 +27,13 @@ from torch import nn
 from .parallel import resolve_tp_group
 
 BASE_KINDS = ("column", "row", "none")
+
+
+def check_flags(**flags) -> None:
+    """Each flag is True or False (a string "false" is truthy: it would silently turn the flag on)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,18 @@ class BaseLayout:
     input_is_parallel: bool = True
     stride: int = 1
     explicit_expert_comm: bool = False
+
+    def __post_init__(self):
+        # A layout is how every layer and adapter is described: a bad value is named here, before
+        # anything is built or communicated (a string "false" would otherwise read as True).
+        if self.kind not in BASE_KINDS:
+            raise ValueError(f"base kind must be one of {list(BASE_KINDS)}, got {self.kind!r}")
+        for name in ("input_size", "output_size", "stride"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_flags(sequence_parallel=self.sequence_parallel, gather_output=self.gather_output,
+                    input_is_parallel=self.input_is_parallel, explicit_expert_comm=self.explicit_expert_comm)
 
     @classmethod
     def over(cls, kind: str, input_size: int, output_size: int, tp_group: dist.ProcessGroup | None = None,

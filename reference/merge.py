@@ -15,7 +15,11 @@ and lives with apply_lora in reference/lora/transform.py.
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import torch
+import torch.distributed as dist
 
 from .layout import BaseLayout
 from .parallel import gather_shards, resolve_tp_group
@@ -25,9 +29,26 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_arguments(base_weight, B, A, alpha, dim, tp_size: int, tp_group) -> None:
+    """Types, values and the group size, named, before any rank starts a gather."""
+    for name, tensor in (("base_weight", base_weight), ("linear_out", B), ("linear_in", A)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{name} must be a 2-D torch.Tensor, got {shape}")
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    for name, value in (("dim", dim), ("tp_size", tp_size)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if tp_size > 1 and dist.get_world_size(tp_group) != tp_size:
+        raise ValueError(f"tp_size={tp_size} but tp_group has {dist.get_world_size(tp_group)} rank(s): pass the "
+                         f"group the weights are split over, or tp_size=1 for local tensors")
+
+
 def _merge(base_weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float, dim: int, *,
            gather_A: bool, gather_B: bool, tp_size: int, tp_group) -> torch.Tensor:
-    """base_weight + (alpha/dim) B A, after gathering the factor that is split."""
+    """base_weight + (alpha/dim) B A, after gathering the factor that is split; an adapter with a
+    non-finite value is refused on every rank (as PEFT's safe merge refuses NaNs)."""
     # Check the shapes the product will have before any rank starts a gather.
     A_rows = A.shape[0] * (tp_size if gather_A else 1)
     B_rows = B.shape[0] * (tp_size if gather_B else 1)
@@ -42,6 +63,12 @@ def _merge(base_weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: f
         B = gather_shards(B, 0, tp_group)                                     # (out/t, r) -> (out, r)
     dtype = _compute_dtype(base_weight.dtype)
     delta = (alpha / dim) * (B.to(dtype) @ A.to(dtype))                       # like base_weight
+    finite = torch.isfinite(delta).all().to(torch.int32).reshape(1)
+    if tp_size > 1:             # a NaN in one rank's shard: every rank refuses
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=tp_group)
+    if not bool(finite.item()):
+        raise ValueError("cannot merge: the adapter's update (alpha/dim) B A has NaN or inf values; the "
+                         "adapter is broken (the base weight is left as it was)")
     return (base_weight.to(dtype) + delta).to(base_weight.dtype)
 
 
@@ -62,8 +89,10 @@ def merge_lora_shard(base_weight: torch.Tensor, linear_out: torch.Tensor, linear
         torch.Tensor: the merged shard, shaped and typed like base_weight.
 
     Raises:
-        ValueError: the shards do not multiply to base_weight's shape (raised before any collective).
+        ValueError, TypeError: as LoRAMerge.merge (bad arguments before any collective; a non-finite
+            update on every rank).
     """
+    _check_arguments(base_weight, linear_out, linear_in, alpha, dim, layout.tp_size, layout.tp_group)
     split = layout.tp_size > 1
     return _merge(base_weight, linear_out, linear_in, alpha, dim, gather_A=split and layout.kind == "column",
                   gather_B=split and layout.kind == "row", tp_size=layout.tp_size, tp_group=layout.tp_group)
@@ -93,11 +122,15 @@ class LoRAMerge:
             torch.Tensor: the merged shard, shaped and typed like base_weight.
 
         Raises:
-            ValueError: the shards do not multiply to base_weight's shape (before any collective).
+            ValueError: the shards do not multiply to base_weight's shape, alpha is not finite, dim or
+                tp_size is not a positive integer, tp_size is not the group's size (all before any
+                collective); the update has NaN or inf values (on every rank).
+            TypeError: a weight that is not a 2-D tensor, a tp_group that is not a process group.
         """
         A, B = linear_in, linear_out
-        if tp_size > 1 and tp_group is None:
-            tp_group = resolve_tp_group()
+        if tp_size > 1 or tp_group is not None:
+            tp_group = resolve_tp_group(tp_group)
+        _check_arguments(base_weight, B, A, alpha, dim, tp_size, tp_group)
         gather_A = tp_size > 1 and A.shape[0] * tp_size == dim                   # column base: A is split
         gather_B = tp_size > 1 and not gather_A and B.shape[0] * tp_size == base_weight.shape[0]  # row base
         return _merge(base_weight, B, A, alpha, dim, gather_A=gather_A, gather_B=gather_B, tp_size=tp_size,

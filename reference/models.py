@@ -180,6 +180,19 @@ class TransformerBlock(nn.Module):
         return self.final_layernorm(x)
 
 
+def _check_token_ids(input_ids, vocab_size: int) -> None:
+    """input_ids: a 2-D integer tensor of ids in [0, vocab_size), checked before any collective (the
+    same ids on every rank, so the same error on every rank)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a 2-D tensor (b, s) of token ids, got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
+    if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < vocab_size):
+        raise ValueError(f"input_ids must be token ids in [0, {vocab_size}) (vocab_size), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
 class TinyGPT(nn.Module):
     """forward(input_ids (b, s)) -> logits (b, s, vocab), the same full logits on every rank.
 
@@ -215,9 +228,7 @@ class TinyGPT(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, decoder_input: torch.Tensor | None = None):
         """Logits (b, s, vocab) of input_ids (b, s), or of ready embeddings decoder_input (s, b, h)."""
         if decoder_input is None:
-            if input_ids is None or input_ids.dim() != 2:
-                shape = None if input_ids is None else tuple(input_ids.shape)
-                raise ValueError(f"input_ids must be 2-D (b, s), got shape {shape}")
+            _check_token_ids(input_ids, self.config.vocab_size)
             if input_ids.shape[1] > self.config.max_sequence_length:
                 raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_sequence_length "
                                  f"{self.config.max_sequence_length}")

@@ -38,6 +38,7 @@ class VLMLoRA(LoRA):
 
     Raises:
         TypeError: a freeze flag that is not a bool (and LoRA's own checks).
+        ValueError: (when applied) a model with none of the VLM parts.
     """
 
     freeze_vision_model: bool = True
@@ -59,6 +60,11 @@ class VLMLoRA(LoRA):
         """
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         flags = (self.freeze_vision_model, self.freeze_vision_projection, self.freeze_language_model)
+        holders = [getattr(chunk, "llava_model", None) or chunk for chunk in chunks]
+        if not any(hasattr(holder, part) for holder in holders for part in VLM_PARTS):
+            # A model without any VLM part (a plain GPT, say) would be adapted with nothing frozen.
+            raise ValueError(f"VLMLoRA: the model has none of the VLM parts {list(VLM_PARTS)} (directly or under "
+                             f"llava_model); use LoRA for a model that is not a VLM")
         for chunk in chunks:
             holder: nn.Module = getattr(chunk, "llava_model", None) or chunk
             for part_name, freeze in zip(VLM_PARTS, flags):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..init import init_full_weight
-from ..layout import BASE_KINDS, BaseLayout, from_layout
+from ..layout import BASE_KINDS, BaseLayout, check_flags, from_layout
 from ..parallel import (
     all_to_all_hidden_to_sequence_parallel_region,
     check_divisible,
@@ -55,6 +55,7 @@ from ..parallel import (
     scatter_to_tensor_parallel_region,
     shard,
 )
+from .config import FIELD_CHECKS, LORA_DTYPES
 from .regather import linear_on_regathered_sequence, regather_eligible, regather_inputs
 
 # What the keyword arguments that describe a base default to (used only when no layout is given).
@@ -98,14 +99,16 @@ def _keyword_layout(in_features: int, out_features: int, base_kind: str, tp_grou
     the base kind has it (as a layer's own layout does)."""
     if base_kind not in BASE_KINDS:
         raise ValueError(f"base_kind must be one of {list(BASE_KINDS)}, got {base_kind!r}")
+    check_flags(sequence_parallel=sequence_parallel, gather_output=gather_output,
+                input_is_parallel=input_is_parallel, explicit_expert_comm=explicit_expert_comm)
     if base_kind == "none":
         return BaseLayout.plain(in_features, out_features)
     return BaseLayout.over(base_kind, in_features, out_features, tp_group,
-                           sequence_parallel=bool(sequence_parallel),
-                           gather_output=bool(gather_output) and base_kind == "column",
-                           input_is_parallel=bool(input_is_parallel) or base_kind != "row",
+                           sequence_parallel=sequence_parallel,
+                           gather_output=gather_output and base_kind == "column",
+                           input_is_parallel=input_is_parallel or base_kind != "row",
                            stride=stride if base_kind == "column" else 1,
-                           explicit_expert_comm=bool(explicit_expert_comm))
+                           explicit_expert_comm=explicit_expert_comm)
 
 
 class ParallelLinearAdapter(nn.Module):
@@ -147,9 +150,11 @@ class ParallelLinearAdapter(nn.Module):
             (reference/lora/regather.py). Default: False.
 
     Raises:
-        ValueError: an unknown activation, an unknown base_kind, sizes that do not match `layout`, or dim / out / in not
-            divisible as the base's split needs.
-        TypeError: both a layout and base-describing keywords.
+        ValueError: an unknown activation or base_kind, a bad dim / alpha / dropout / dropout_position /
+            init method / dtype (LoRA's field checks), sizes that do not match `layout`, or dim / out / in
+            not divisible as the base's split needs.
+        TypeError: both a layout and base-describing keywords; a flag that is not a bool; a tp_group
+            that is not a process group.
     """
 
     # The base's layout, read-only: `self.layout` is the one copy.
@@ -170,6 +175,19 @@ class ParallelLinearAdapter(nn.Module):
         super().__init__()
         if activation not in ADAPTER_ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ADAPTER_ACTIVATIONS)}, got {activation!r}")
+        # The same checks as LoRA's fields (reference/lora/config.py): built directly, the adapter
+        # validates its own arguments, before anything is drawn or communicated.
+        dim = FIELD_CHECKS["dim"](dim)
+        alpha = None if alpha is None else FIELD_CHECKS["alpha"](alpha)
+        FIELD_CHECKS["dropout"](dropout)
+        FIELD_CHECKS["dropout_position"](dropout_position)
+        FIELD_CHECKS["lora_A_init_method"](lora_A_init_method)
+        FIELD_CHECKS["lora_B_init_method"](lora_B_init_method)
+        if dtype not in LORA_DTYPES:
+            raise ValueError(f"dtype must be one of {[str(d) for d in LORA_DTYPES]} (the adapter's A and B), "
+                             f"got {dtype!r}")
+        check_flags(a2a_experimental=a2a_experimental,
+                    sequence_parallel_input_regather=sequence_parallel_input_regather)
         described = dict(base_kind=base_kind, tp_group=tp_group, sequence_parallel=sequence_parallel,
                          gather_output=gather_output, input_is_parallel=input_is_parallel, stride=stride,
                          explicit_expert_comm=explicit_expert_comm)
@@ -187,8 +205,8 @@ class ParallelLinearAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.activation = ADAPTER_ACTIVATIONS[activation]()
         # a2a only changes the row case under sequence parallelism; elsewhere there is nothing to trade.
-        self.a2a_experimental = bool(a2a_experimental) and layout.kind == "row" and layout.sequence_parallel
-        self.sequence_parallel_input_regather = bool(sequence_parallel_input_regather)
+        self.a2a_experimental = a2a_experimental and layout.kind == "row" and layout.sequence_parallel
+        self.sequence_parallel_input_regather = sequence_parallel_input_regather
         self.regather_eligible = regather_eligible(layout, base_name, sequence_parallel_input_regather,
                                                    a2a_experimental)
         self._check_divisibility()

@@ -8,7 +8,10 @@
          nothing);
       3. adapters are trainable; with training=False every parameter is frozen and the model is put
          in eval mode;
-      4. target patterns that matched no module are reported in one warning.
+      4. target patterns that matched no module are reported in one warning (exclude patterns that
+         match no linear module, in another);
+      a model that is not a module (or list of modules), or an existing adapter that this config
+      would give another rank, is an error before anything changes.
     finalize_lora_grads(model)       after backward: sum the gradients of adapters whose copies saw
                                      different tokens (MoE shared experts over EP, the router under SP)
     merge_lora(model) / unmerge_lora(model)   fold every adapter into its base weight / take it out
@@ -30,9 +33,9 @@ from torch import nn
 
 from ..moe import GroupedLinear
 from ..router import TopKRouter
-from .build import build_adapter
+from .build import build_adapter, effective_dim
 from .experts import wrap_grouped_linear, wrap_router
-from .matching import full_name_of, match, pattern_matches
+from .matching import full_name_of, is_linear_like, match, pattern_matches
 from .protocol import is_lora_wrapper, lora_adapters, named_lora_wrappers
 from .wrapper import LoRALinear
 
@@ -85,6 +88,41 @@ def unmatched_patterns(config, chunks) -> list[str]:
             if not any(pattern_matches(p, full.rsplit(".", 1)[-1], full) for full in wrapped)]
 
 
+def unmatched_excludes(config, chunks) -> list[str]:
+    """Exclude patterns (exclude mode) that match no linear-like module: a misspelt exclude would
+    otherwise silently adapt the module it meant to leave out."""
+    if config.target_modules:
+        return []
+    candidates = [(name.rsplit(".", 1)[-1], name) for chunk in chunks for name, module in chunk.named_modules()
+                  if name and is_linear_like(module)]
+    return [p for p in config.exclude_modules if not any(pattern_matches(p, short, full) for short, full in candidates)]
+
+
+def check_model(what: str, model) -> None:
+    """`model` is an nn.Module or a non-empty list of them (pipeline chunks), named in the error."""
+    chunks = _chunks(model)
+    if not chunks or not all(isinstance(chunk, nn.Module) for chunk in chunks):
+        raise TypeError(f"{what}: model must be an nn.Module or a non-empty list of nn.Modules (pipeline chunks), "
+                        f"got {type(model).__name__}"
+                        + (f" holding {sorted({type(c).__name__ for c in chunks})}" if chunks else ""))
+
+
+def _check_existing_ranks(config, chunk: nn.Module) -> None:
+    """Applying again keeps the existing adapters ([LORA-INJ-3]); one that this config selects with
+    another rank would be silently kept at the old rank: an error instead."""
+    for full_name, wrapper in named_lora_wrappers(chunk):
+        adapter, base = getattr(wrapper, "adapter", None), getattr(wrapper, "to_wrap", None)
+        if adapter is None or base is None or not full_name:
+            continue
+        prefix, _, name = full_name.rpartition(".")
+        if match(config, base, name, prefix) is None:
+            continue
+        wanted = effective_dim(config, base, full_name)
+        if adapter.dim != wanted:
+            raise ValueError(f"{full_name} already has a LoRA adapter of dim {adapter.dim}; this config gives it "
+                             f"dim {wanted}. Merge or remove the adapters first (applying again keeps them).")
+
+
 def freeze_all(model, training: bool = True) -> None:
     """Freeze every parameter; train mode when training (LoRA's freeze_model).
 
@@ -110,10 +148,21 @@ def apply_lora(model, config, training: bool = True):
     Returns:
         the same `model` object.
 
+    Raises:
+        TypeError: model is not an nn.Module (or list of them); training is not a bool.
+        ValueError: an adapter already in the model that this config selects with another dim.
+
     Warns:
-        UserWarning: naming the target_modules patterns that matched no module.
+        UserWarning: naming the target_modules patterns that matched no module; another naming the
+            exclude_modules patterns that match no linear module.
     """
     chunks = _chunks(model)
+    check_model("apply_lora", model)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r}")
+    for chunk in chunks:
+        _check_existing_ranks(config, chunk)
+    excluded_nothing = unmatched_excludes(config, chunks)
     getattr(config, "freeze_model", freeze_all)(chunks, training)
     for chunk in chunks:
         _walk(config, chunk, "")
@@ -125,6 +174,8 @@ def apply_lora(model, config, training: bool = True):
     unmatched = unmatched_patterns(config, chunks)
     if unmatched:
         warnings.warn(f"LoRA target_modules matched no module: {unmatched}", UserWarning, stacklevel=3)
+    if excluded_nothing:
+        warnings.warn(f"LoRA exclude_modules matched no module: {excluded_nothing}", UserWarning, stacklevel=3)
     return model
 
 
@@ -178,9 +229,13 @@ def merge_lora(model: nn.Module, *, keep_wrappers: bool = False) -> nn.Module:
         keep_wrappers is False.
 
     Raises:
+        TypeError: model is not an nn.Module.
         RuntimeError, ValueError: a wrapper that cannot be merged (its adapters disabled, or a
             non-identity activation); raised before any wrapper changes.
     """
+    check_model("merge_lora", model)
+    if isinstance(model, (list, tuple)):
+        raise TypeError("merge_lora: merge each pipeline chunk on its own (merge_lora(chunk) for chunk in chunks)")
     for _, wrapper in named_lora_wrappers(model):      # every check before the first change or collective
         if not wrapper.merged:
             wrapper.check_mergeable()
@@ -207,6 +262,9 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     Returns:
         nn.Module: the same `model`.
     """
+    check_model("unmerge_lora", model)
+    if isinstance(model, (list, tuple)):
+        raise TypeError("unmerge_lora: unmerge each pipeline chunk on its own")
     for _, wrapper in named_lora_wrappers(model):
         wrapper.unmerge_()
     return model

@@ -188,6 +188,9 @@ def resolve_tp_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGrou
     Returns:
         dist.ProcessGroup: the group to communicate over.
     """
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup or None (the current TP group), "
+                        f"got {group!r} ({type(group).__name__})")
     return get_parallel_state().tp_group if group is None else group
 
 

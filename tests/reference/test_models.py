@@ -77,7 +77,7 @@ def check_bad_model_config():
     model = TinyGPT(TinyGPTConfig(sequence_parallel=True))
     with pytest.raises(ValueError, match="sequence length of the input"):
         model(torch.zeros(1, 5, dtype=torch.long, device=device()))
-    with pytest.raises(ValueError, match="input_ids must be 2-D"):
+    with pytest.raises(ValueError, match="input_ids must be a 2-D tensor"):
         model(torch.zeros(5, dtype=torch.long, device=device()))
 
 
