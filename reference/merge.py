@@ -35,6 +35,9 @@ def _check_arguments(base_weight, B, A, alpha, dim, tp_size: int, tp_group) -> N
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise TypeError(f"{name} must be a 2-D torch.Tensor, got {shape}")
+    if not base_weight.dtype.is_floating_point:
+        raise TypeError(f"base_weight must be a floating tensor (the merged weight is W + (alpha/dim) B A), "
+                        f"got {base_weight.dtype}")
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     for name, value in (("dim", dim), ("tp_size", tp_size)):
@@ -63,13 +66,14 @@ def _merge(base_weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: f
         B = gather_shards(B, 0, tp_group)                                     # (out/t, r) -> (out, r)
     dtype = _compute_dtype(base_weight.dtype)
     delta = (alpha / dim) * (B.to(dtype) @ A.to(dtype))                       # like base_weight
-    finite = torch.isfinite(delta).all().to(torch.int32).reshape(1)
+    merged = (base_weight.to(dtype) + delta).to(base_weight.dtype)
+    finite = torch.isfinite(merged).all().to(torch.int32).reshape(1)
     if tp_size > 1:             # a NaN in one rank's shard: every rank refuses
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=tp_group)
     if not bool(finite.item()):
-        raise ValueError("cannot merge: the adapter's update (alpha/dim) B A has NaN or inf values; the "
-                         "adapter is broken (the base weight is left as it was)")
-    return (base_weight.to(dtype) + delta).to(base_weight.dtype)
+        raise ValueError("cannot merge: the merged weight would have NaN or inf values (in the base weight "
+                         "or the adapter's update (alpha/dim) B A); the weight is left as it was")
+    return merged
 
 
 @torch.no_grad()
@@ -92,6 +96,8 @@ def merge_lora_shard(base_weight: torch.Tensor, linear_out: torch.Tensor, linear
         ValueError, TypeError: as LoRAMerge.merge (bad arguments before any collective; a non-finite
             update on every rank).
     """
+    if not isinstance(layout, BaseLayout):
+        raise TypeError(f"layout must be the base's BaseLayout (reference.layout_of(layer)), got {layout!r}")
     _check_arguments(base_weight, linear_out, linear_in, alpha, dim, layout.tp_size, layout.tp_group)
     split = layout.tp_size > 1
     return _merge(base_weight, linear_out, linear_in, alpha, dim, gather_A=split and layout.kind == "column",
@@ -128,6 +134,8 @@ class LoRAMerge:
             TypeError: a weight that is not a 2-D tensor, a tp_group that is not a process group.
         """
         A, B = linear_in, linear_out
+        if isinstance(tp_size, bool) or not isinstance(tp_size, Integral) or tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
         if tp_size > 1 or tp_group is not None:
             tp_group = resolve_tp_group(tp_group)
         _check_arguments(base_weight, B, A, alpha, dim, tp_size, tp_group)
@@ -145,6 +153,11 @@ def merge_lora_weight(base_weight: torch.Tensor, adapter, sign: float = 1.0) -> 
         adapter (ParallelLinearAdapter): its A, B, alpha, dim and the base's `layout` are read.
         sign (float): 1.0 merges, -1.0 unmerges. Default: 1.0.
     """
+    if not all(hasattr(adapter, name) for name in ("linear_in", "linear_out", "alpha", "dim", "layout")):
+        raise TypeError(f"adapter must be a ParallelLinearAdapter (linear_in, linear_out, alpha, dim, layout), "
+                        f"got {type(adapter).__name__}")
+    if sign not in (1.0, -1.0):
+        raise ValueError(f"sign must be 1.0 (merge) or -1.0 (unmerge), got {sign!r}")
     return merge_lora_shard(base_weight, adapter.linear_out.weight, adapter.linear_in.weight,
                             sign * adapter.alpha, adapter.dim, adapter.layout)
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .layout import check_flags
 from .moe import MoELayer
 from .parallel import (
     check_divisible,
@@ -65,8 +66,10 @@ class TinyGPTConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
                      "ffn_hidden_size", "max_sequence_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_flags(gated_linear_unit=self.gated_linear_unit, add_bias_linear=self.add_bias_linear,
+                    sequence_parallel=self.sequence_parallel, moe_grouped_gemm=self.moe_grouped_gemm)
         if not isinstance(self.params_dtype, torch.dtype) or self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"params_dtype must be one of {[str(d) for d in PARAMS_DTYPES]}, "
                              f"got {self.params_dtype!r} (the weights train: a floating dtype)")
@@ -180,14 +183,22 @@ class TransformerBlock(nn.Module):
         return self.final_layernorm(x)
 
 
+def _check_config_and_seed(config, seed) -> None:
+    if not isinstance(config, TinyGPTConfig):
+        raise TypeError(f"config must be a TinyGPTConfig (or None), got {type(config).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
 def _check_token_ids(input_ids, vocab_size: int) -> None:
     """input_ids: a 2-D integer tensor of ids in [0, vocab_size), checked before any collective (the
     same ids on every rank, so the same error on every rank)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a 2-D tensor (b, s) of token ids, got {shape}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
+    if input_ids.dtype not in (torch.long, torch.int32):                 # what nn.Embedding takes
+        raise ValueError(f"input_ids must hold integer token ids (torch.long or torch.int32), got dtype "
+                         f"{input_ids.dtype}")
     if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < vocab_size):
         raise ValueError(f"input_ids must be token ids in [0, {vocab_size}) (vocab_size), got values in "
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -209,6 +220,7 @@ class TinyGPT(nn.Module):
     def __init__(self, config: TinyGPTConfig | None = None, *, seed: int = 0, tp_group=None, device=None):
         super().__init__()
         config = TinyGPTConfig() if config is None else config
+        _check_config_and_seed(config, seed)
         tp_group = resolve_tp_group(tp_group)
         self.tp_size = torch.distributed.get_world_size(tp_group)
         config.check(self.tp_size)
@@ -227,6 +239,8 @@ class TinyGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, decoder_input: torch.Tensor | None = None):
         """Logits (b, s, vocab) of input_ids (b, s), or of ready embeddings decoder_input (s, b, h)."""
+        if decoder_input is not None and input_ids is not None:
+            raise ValueError("pass input_ids or decoder_input, not both")
         if decoder_input is None:
             _check_token_ids(input_ids, self.config.vocab_size)
             if input_ids.shape[1] > self.config.max_sequence_length:
@@ -234,6 +248,12 @@ class TinyGPT(nn.Module):
                                  f"{self.config.max_sequence_length}")
             x = self.embedding(input_ids)                                # (s, b, h)
         else:
+            h, dtype = self.config.hidden_size, self.config.params_dtype
+            if not isinstance(decoder_input, torch.Tensor) or decoder_input.dim() != 3 \
+                    or decoder_input.shape[-1] != h or decoder_input.dtype != dtype:
+                got = (tuple(decoder_input.shape), decoder_input.dtype) if isinstance(decoder_input, torch.Tensor) \
+                    else type(decoder_input).__name__
+                raise ValueError(f"decoder_input must be a 3-D tensor (s, b, {h}) of {dtype}, got {got}")
             x = decoder_input
         if self.config.sequence_parallel:
             check_divisible("sequence length of the input", x.shape[0], self.tp_size, "the TP size")
@@ -292,6 +312,12 @@ class TinyVLM(nn.Module):
                  patch_dim: int = 12, seed: int = 0, tp_group=None, device=None):
         super().__init__()
         language_config = TinyGPTConfig() if language_config is None else language_config
+        _check_config_and_seed(language_config, seed)
+        for name, value in (("vision_hidden_size", vision_hidden_size), ("patch_dim", patch_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_divisible("vision_hidden_size", vision_hidden_size, language_config.num_attention_heads,
+                        "num_attention_heads")
         if language_config.sequence_parallel:
             raise ValueError("TinyVLM does not use sequence_parallel (allowed: sequence_parallel=False)")
         tp_group = resolve_tp_group(tp_group)
@@ -308,6 +334,13 @@ class TinyVLM(nn.Module):
         self.language_model = TinyGPT(language_config, seed=seed + 1, tp_group=tp_group, device=device)
 
     def forward(self, patches: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        _check_token_ids(input_ids, self.language_model.config.vocab_size)
+        patch_dim = self.vision_model.patch_embed.in_features
+        if not isinstance(patches, torch.Tensor) or patches.dim() != 3 or patches.shape[-1] != patch_dim \
+                or patches.shape[0] != input_ids.shape[0]:
+            got = tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__
+            raise ValueError(f"patches must be a 3-D tensor (b, n, {patch_dim}) with the batch of input_ids "
+                             f"({input_ids.shape[0]}), got {got}")
         image = self.vision_projection(self.vision_model(patches))      # (n, b, h)
         text = self.language_model.embedding(input_ids)                  # (s, b, h)
         return self.language_model(decoder_input=torch.cat([image, text], dim=0))

@@ -30,7 +30,7 @@ from torch import nn
 
 from .init import init_full_weight
 from .layers import ColumnParallelLinear, RowParallelLinear
-from .layout import BaseLayout, from_layout
+from .layout import BaseLayout, check_flags, from_layout
 from .parallel import (
     gather_from_sequence_parallel_region,
     gather_shards,
@@ -276,6 +276,16 @@ class MoELayer(nn.Module):
                  grouped: bool = True, gated: bool = False, shared_expert_size: int | None = None,
                  tp_group=None, sequence_parallel: bool = False, device=None, dtype=torch.float32):
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
+                            ("num_moe_experts", num_experts), ("moe_router_topk", topk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if shared_expert_size is not None and (isinstance(shared_expert_size, bool)
+                                               or not isinstance(shared_expert_size, int) or shared_expert_size < 1):
+            raise ValueError(f"shared_expert_size must be None or a positive integer, got {shared_expert_size!r}")
+        check_flags(grouped=grouped, gated=gated, sequence_parallel=sequence_parallel)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype (the experts train), got {dtype!r}")
         tp_group = resolve_tp_group(tp_group)
         if dist.get_world_size(tp_group) > 1 and not sequence_parallel:
             # Without SP the TP ranks hold copies of the same tokens and the experts would count each

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .layout import check_flags
 from .lora import LoRA
 
 VLM_PARTS = ("vision_model", "vision_projection", "language_model")
+FREEZE_FLAGS = ("freeze_vision_model", "freeze_vision_projection", "freeze_language_model")
 
 
 @dataclass
@@ -47,9 +49,16 @@ class VLMLoRA(LoRA):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("freeze_vision_model", "freeze_vision_projection", "freeze_language_model"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_flags(**{name: getattr(self, name) for name in FREEZE_FLAGS})
+
+    def __setattr__(self, name, value):
+        if name in FREEZE_FLAGS:                 # validated on assignment too, as LoRA's fields are
+            check_flags(**{name: value})
+        super().__setattr__(name, value)
+
+    def validate(self) -> None:
+        super().validate()
+        check_flags(**{name: getattr(self, name) for name in FREEZE_FLAGS})
 
     def freeze_model(self, model, training: bool = True) -> None:
         """Freeze the flagged parts of each chunk (looking inside `llava_model` if present).

@@ -36,6 +36,8 @@ backward and gathers it again there (reference/lora/regather.py). Parameters may
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,6 +179,9 @@ class ParallelLinearAdapter(nn.Module):
             raise ValueError(f"activation must be one of {list(ADAPTER_ACTIVATIONS)}, got {activation!r}")
         # The same checks as LoRA's fields (reference/lora/config.py): built directly, the adapter
         # validates its own arguments, before anything is drawn or communicated.
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         dim = FIELD_CHECKS["dim"](dim)
         alpha = None if alpha is None else FIELD_CHECKS["alpha"](alpha)
         FIELD_CHECKS["dropout"](dropout)
@@ -273,6 +278,12 @@ class ParallelLinearAdapter(nn.Module):
         local output: (s, b, out/t), the row case's being this rank's hidden shard of B h. local_input
         is then the input before that communication (under SP the sequence shard, which A keeps when
         it re-gathers)."""
+        split = self.base_kind == "row" and (self.input_is_parallel or caller_communicates)
+        expected = self.in_features // self.tp_size if split else self.in_features
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != expected:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self.base_name}: the adapter's input x must be a tensor with last dim {expected} "
+                             f"({self.base_kind} base, tp={self.tp_size}), got {got}")
         return self._adapt(x, self.linear_in.weight, self.linear_out.weight, caller_communicates, local_input)
 
     def _adapt(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, caller_communicates: bool = False,

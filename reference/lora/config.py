@@ -67,6 +67,12 @@ class LoRAConfig:
         _check_exclusive(self.target_modules, self.exclude_modules)
         object.__setattr__(self, "_validated", True)
 
+    def validate(self) -> None:
+        """Every field checked again (apply_lora calls it): a list changed in place escapes __setattr__."""
+        for name in FIELD_CHECKS:
+            FIELD_CHECKS[name](getattr(self, name))
+        _check_exclusive(self.target_modules, self.exclude_modules)
+
     def __setattr__(self, name, value):
         # Recipes change a config after building it (cfg.dim = 0, cfg.target_modules = "linear_qkv"):
         # an assignment is validated like the constructor's argument, so a bad value never waits for

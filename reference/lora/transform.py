@@ -31,9 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layout import check_flags
 from ..moe import GroupedLinear
 from ..router import TopKRouter
 from .build import build_adapter, effective_dim
+from .config import LoRAConfig
 from .experts import wrap_grouped_linear, wrap_router
 from .matching import full_name_of, is_linear_like, match, pattern_matches
 from .protocol import is_lora_wrapper, lora_adapters, named_lora_wrappers
@@ -98,6 +100,14 @@ def unmatched_excludes(config, chunks) -> list[str]:
     return [p for p in config.exclude_modules if not any(pattern_matches(p, short, full) for short, full in candidates)]
 
 
+def check_config(config) -> None:
+    """`config` is a LoRA config, its fields valid now: a list field changed in place (cfg.target_modules
+    .append(1)) escapes the checks on assignment, so they run again here."""
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRA config (reference.LoRA, a LoRAConfig), got {type(config).__name__}")
+    config.validate()
+
+
 def check_model(what: str, model) -> None:
     """`model` is an nn.Module or a non-empty list of them (pipeline chunks), named in the error."""
     chunks = _chunks(model)
@@ -158,6 +168,7 @@ def apply_lora(model, config, training: bool = True):
     """
     chunks = _chunks(model)
     check_model("apply_lora", model)
+    check_config(config)
     if not isinstance(training, bool):
         raise TypeError(f"training must be True or False, got {training!r}")
     for chunk in chunks:
@@ -192,6 +203,7 @@ def finalize_lora_grads(model) -> None:
     Args:
         model (nn.Module | list[nn.Module]): a model or its pipeline chunks, after backward.
     """
+    check_model("finalize_lora_grads", model)
     for chunk in _chunks(model):
         for adapter in lora_adapters(chunk):
             group = getattr(adapter, "grad_sync_group", None)
@@ -234,6 +246,7 @@ def merge_lora(model: nn.Module, *, keep_wrappers: bool = False) -> nn.Module:
             non-identity activation); raised before any wrapper changes.
     """
     check_model("merge_lora", model)
+    check_flags(keep_wrappers=keep_wrappers)
     if isinstance(model, (list, tuple)):
         raise TypeError("merge_lora: merge each pipeline chunk on its own (merge_lora(chunk) for chunk in chunks)")
     for _, wrapper in named_lora_wrappers(model):      # every check before the first change or collective
@@ -290,6 +303,7 @@ def set_adapters_enabled(model, enabled: bool) -> None:
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    check_model("set_adapters_enabled", model)
     wrappers = _named_wrappers(model)
     merged = [name or "<model>" for name, wrapper in wrappers if wrapper.merged]
     if not enabled and merged:

@@ -61,8 +61,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     """
     if backend is not None and backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
-    if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r}")
     global _TIMEOUT
     if dist.is_initialized():
         return
