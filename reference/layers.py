@@ -36,6 +36,7 @@ from torch import nn
 from .init import check_init_method, init_full_weight
 from .layout import BaseLayout, check_flags, from_layout
 from .parallel import (
+    check_agreement,
     check_divisible,
     copy_to_tensor_parallel_region,
     default_device,
@@ -56,7 +57,7 @@ def _check_size(name: str, value) -> None:
 
 
 def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
-                 sequence_parallel: bool, tp_size: int, seq_divisible: bool, dtype: torch.dtype) -> None:
+                 sequence_parallel: bool, tp_size: int, seq_divisible: bool, dtype: torch.dtype, group) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{layer}: {name} must be a torch.Tensor, got {type(x).__name__}")
     # Another floating dtype is the caller's business under autocast (F.linear casts); otherwise the
@@ -73,6 +74,11 @@ def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
         )
     if sequence_parallel and seq_divisible:
         check_divisible(f"{layer}: sequence length (dim 0) of {name}", x.shape[0], tp_size, "the TP size")
+    if sequence_parallel and tp_size > 1 and dist.get_backend(group) == "gloo":
+        # Under SP each rank brings its own sequence shard, whose length the ranks must agree on
+        # before they gather it: one small all-gather on CPU. Under NCCL it would stall the stream
+        # at every layer, so it is left out there (the construction-time check still runs).
+        check_agreement(f"the shape of the {layer}'s {name}", x.shape, group)
 
 
 def _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_output, stride,
@@ -238,7 +244,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("ColumnParallelLinear", "input", x, self.input_size, self.sequence_parallel,
-                     self.tp_size, seq_divisible=False, dtype=self.weight.dtype)
+                     self.tp_size, seq_divisible=False, dtype=self.weight.dtype, group=self.tp_group)
         if self.sequence_parallel:
             return gather_from_sequence_parallel_region(x, self.tp_group)  # (s/t, b, in) -> (s, b, in)
         if self.explicit_expert_comm:
@@ -308,7 +314,7 @@ class RowParallelLinear(_ParallelLinear):
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.input_size_per_partition if self.input_is_parallel else self.input_size
         _check_input("RowParallelLinear", "input", x, expected, self.sequence_parallel,
-                     self.tp_size, seq_divisible=True, dtype=self.weight.dtype)
+                     self.tp_size, seq_divisible=True, dtype=self.weight.dtype, group=self.tp_group)
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group)      # (s, b, in) -> (s, b, in/t)
         return x

@@ -39,6 +39,7 @@ from __future__ import annotations
 from numbers import Integral
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -46,6 +47,7 @@ from ..init import init_full_weight
 from ..layout import BASE_KINDS, BaseLayout, check_flags, from_layout
 from ..parallel import (
     all_to_all_hidden_to_sequence_parallel_region,
+    check_agreement,
     check_divisible,
     copy_to_tensor_parallel_region,
     default_device,
@@ -215,6 +217,9 @@ class ParallelLinearAdapter(nn.Module):
         self.regather_eligible = regather_eligible(layout, base_name, sequence_parallel_input_regather,
                                                    a2a_experimental)
         self._check_divisibility()
+        check_agreement(f"the (dim, in_features, out_features, stride, sequence_parallel) of the adapter {base_name}",
+                        (dim, layout.input_size, layout.output_size, layout.stride, layout.sequence_parallel),
+                        layout.tp_group if layout.tp_size > 1 else None)
         self.init_methods = (lora_A_init_method, lora_B_init_method)
         device = default_device() if device is None else torch.device(device)
         self.linear_in, self.linear_out = self._init_weights(device, dtype)
@@ -284,6 +289,9 @@ class ParallelLinearAdapter(nn.Module):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self.base_name}: the adapter's input x must be a tensor with last dim {expected} "
                              f"({self.base_kind} base, tp={self.tp_size}), got {got}")
+        if not caller_communicates and self.sequence_parallel and self.tp_size > 1 \
+                and dist.get_backend(self.tp_group) == "gloo":
+            check_agreement(f"the shape of {self.base_name}'s adapter input", x.shape, self.tp_group)   # as the layers
         return self._adapt(x, self.linear_in.weight, self.linear_out.weight, caller_communicates, local_input)
 
     def _adapt(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, caller_communicates: bool = False,

@@ -13,6 +13,35 @@ import torch
 import torch.distributed as dist
 
 
+AGREEMENT_SLOTS = 12       # integers one agreement check exchanges (a shape of up to 11 dims, and its length)
+
+
+def check_agreement(what: str, values, group: dist.ProcessGroup | None) -> None:
+    """Raise the same ValueError on every rank of `group` when the ranks hold different `values` (the
+    sizes or shapes they are about to exchange): without it a mismatched collective fails on one rank
+    ("Received data size doesn't match") and returns on another. One all-gather of a few integers.
+
+    Args:
+        what (str): what the values are, for the message ("the input's shape", ...).
+        values (Sequence[int]): at most AGREEMENT_SLOTS - 1 integers.
+        group (dist.ProcessGroup | None): the ranks that must agree; None or one rank: nothing to check.
+    """
+    size = dist.get_world_size(group) if group is not None else 1
+    if size == 1:
+        return
+    values = [int(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.full((AGREEMENT_SLOTS,), -1, dtype=torch.int64)
+    mine[0], mine[1:1 + len(values)] = len(values), torch.tensor(values, dtype=torch.int64)
+    everyone = [torch.empty(AGREEMENT_SLOTS, dtype=torch.int64, device=device) for _ in range(size)]
+    dist.all_gather(everyone, mine.to(device), group=group)
+    rows = [row[1:1 + row[0]] for row in torch.stack(everyone).tolist()]
+    if any(row != rows[0] for row in rows):
+        described = ", ".join(f"rank {r}: {tuple(row)}" for r, row in enumerate(rows))
+        raise ValueError(f"the ranks of the TP group disagree on {what} ({described}); every rank must pass "
+                         f"the same")
+
+
 def check_divisible(name: str, value: int, divisor: int, what: str) -> None:
     """Raise a ValueError naming the argument when `value` does not divide by `divisor`."""
     if value % divisor != 0:

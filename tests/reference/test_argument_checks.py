@@ -108,6 +108,32 @@ def check_building_blocks():
         VLMLoRA(dim=2)(TinyGPT(TinyGPTConfig()))
 
 
+def check_ranks_that_disagree():
+    P.initialize_model_parallel(tensor_model_parallel_size=2)
+    rank = dist.get_rank()
+    for make, what in [
+        (lambda: ParallelLinearAdapter(8, 8, 2 + 2 * rank), r"the \(dim, in_features"),
+        (lambda: ColumnParallelLinear(8, 8, sequence_parallel=True)(torch.ones(2 + rank, 1, 8)),
+         r"the shape of the ColumnParallelLinear's input \(rank 0: \(2, 1, 8\), rank 1: \(3, 1, 8\)\)"),
+        (lambda: RowParallelLinear(8, 8, sequence_parallel=True)(torch.ones(4 + 2 * rank, 1, 4)),
+         "the shape of the RowParallelLinear's input"),
+    ]:
+        with pytest.raises(ValueError, match="the ranks of the TP group disagree on " + what):
+            make()
+    # Nothing was left half-done: the group still sums in step.
+    total = torch.ones(1)
+    dist.all_reduce(total, group=P.get_parallel_state().tp_group)
+    assert total.item() == 2
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_ranks_that_disagree_get_the_same_error(world_size):
+    """[TP-ERR-1] [LORA-ERR-1] adapter sizes, or sequence-shard shapes under SP, that differ between
+    the ranks are the same ValueError on every rank (before the collective that would fail on one rank
+    only)."""
+    run_distributed(check_ranks_that_disagree, world_size)
+
+
 @pytest.mark.parametrize("world_size", [2])
 def test_building_blocks_validate_their_arguments(world_size):
     """[TP-ERR-1] [LORA-ERR-1] [LORA-MATCH-5] [LORA-INJ-3] [VLM-FREEZE-1] bad arguments to the adapter,
