@@ -1,25 +1,36 @@
-"""What LoRA costs on top of its base layer: the reference, Megatron-Bridge and HF PEFT, side by side.
+"""What LoRA costs on top of its base layer: every implementation on the same weights and inputs.
 
     torchrun --standalone --nproc-per-node 2 tools/bench.py --out bench.json            # GPU (NCCL): the real sizes
-    torchrun --standalone --nproc-per-node 2 tools/bench.py --small                     # CPU smoke run
+    python tools/bench.py --out bench.json                                              # one GPU: TP = 1 rows only
+    python tools/bench.py --small                                                       # CPU smoke run
 
 For a column base (H -> FFN) and a row base (FFN -> H), bf16, 8192 tokens, H x FFN in
-{4096 x 14336, 8192 x 28672}, r in {16, 64}, TP in {1, 2}: the median time of forward + backward of
-(a) the frozen base alone (its input requires grad, so backward computes the input gradient only),
-(b) the base with LoRA, and b / a. Timed with CUDA events after warm-up; each rank of a TP group
-runs its shard. Megatron-Bridge runs when megatron-core and megatron-bridge import (see
-conformance/backends/megatron_bridge.py); PEFT at TP = 1 when `peft` imports.
+{4096 x 14336, 8192 x 28672}, r in {16, 64}, TP in {1, 2}, each implementation times forward +
+backward of (a) its frozen base alone (the input requires grad, so backward computes the input
+gradient only) and (b) the base with LoRA. Fair by construction:
 
-The floor beside each row is what LoRA must add at the least: its extra FLOPs over the measured
-matmul rate plus its extra bytes (reading x again, writing and adding the update, the gradients)
-over the measured copy bandwidth.
-Also: merge_lora on a 32-layer H=4096 stack of linears at the current TP, and (with --suite) the
-conformance suite's default profile.
+- the same full weights for everyone: W ~ N(0, 0.02), A and B drawn once per row from a seeded
+  generator, each implementation given its own shard of them through the conformance protocol
+  (make_linear with the full W, then adapter_weights, or load_full_adapter_weights, with SPEC's
+  pieces of A and B); GEMM time on a GPU depends on the data (zeros run faster), so no one gets zeros;
+- the same inputs and output gradients (this rank's piece of one full x and one full g);
+- a `F.linear` row (the local weight shard, no wrapper, no communication) anchors the base speed;
+- the implementations are interleaved and the whole set repeated (--rounds), so drift hits all
+  alike; each round's figure is the median of --repeats timed steps (CUDA events), and the report
+  gives min / median / max over the rounds of the base time, the LoRA time, LoRA's extra ms over its
+  own base (per round) and the ratio. A difference smaller than the spread is "the same".
+
+Implementations: the reference (conformance.backends.reference), Megatron-Bridge when megatron-core
+and megatron-bridge import, HF PEFT at TP = 1 when `peft` imports. The floor beside each row is what
+LoRA must add at the least: its extra FLOPs over the measured matmul rate plus its extra bytes
+(reading x again, writing and adding the update, the gradients) over the measured copy bandwidth.
+Also: merge_lora on a 32-layer H=4096 stack of linears at TP = 2 (and TP = 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -29,20 +40,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reference  # noqa: E402
 from reference import parallel  # noqa: E402
 from reference.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
-from conformance.backend import LinearSpec  # noqa: E402
-from conformance.backends.megatron_bridge import MegatronBridgeBackend  # noqa: E402
+from conformance.backend import Container, LinearSpec  # noqa: E402
+from conformance.layout import piece, shard_of  # noqa: E402
 
 TOKENS = 8192
+# name -> (backend "module:Class", the base kind it takes at TP = 1, whether it has TP)
+IMPLEMENTATIONS = {
+    "ours": ("conformance.backends.reference:ReferenceBackend", None, True),
+    "mb": ("conformance.backends.megatron_bridge:MegatronBridgeBackend", None, True),
+    "peft": ("conformance.backends.peft:PeftBackend", "linear", False),
+}
 
 
 def timer(fn, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    """Median seconds of fn() (CUDA events on GPU, perf_counter on CPU); the slowest rank's."""
     for _ in range(warmup):
         fn()
     times = []
@@ -105,57 +123,94 @@ def make_base(kind, h, ffn, groups_tp, dtype, device):
     return RowParallelLinear(ffn, h, **common)
 
 
-def base_and_lora_times(base, apply_lora, kind, h, ffn, t, args, device, dtype):
-    """Median fwd+bwd seconds of the frozen base alone, then with LoRA applied by apply_lora(container)."""
-    in_local = h if kind == "column" else ffn // t
-    out_local = ffn // t if kind == "column" else h
-    x = torch.randn(TOKENS, 1, in_local, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(TOKENS, 1, out_local, device=device, dtype=dtype)
-    base.weight.requires_grad_(False)
-    a = timer(fwd_bwd(base, x, grad), args.warmup, args.repeats)
-    container = torch.nn.Module()
-    container.linear_fc1 = base
-    apply_lora(container)
-    b = timer(fwd_bwd(container.linear_fc1, x, grad), args.warmup, args.repeats)
-    return a, b
-
-
 def lora_config(r: int):
     return reference.LoRA(target_modules=["linear_fc1"], dim=r, alpha=2 * r, lora_B_init_method="normal")
 
 
-def bench_reference(kind, h, ffn, r, t, args, device, dtype):
-    state = parallel.initialize_model_parallel(t)
-    base = make_base(kind, h, ffn, state.tp_group, dtype, device)
-    torch.nn.init.normal_(base.weight, std=0.02)
-    return base_and_lora_times(base, lora_config(r), kind, h, ffn, t, args, device, dtype)
+class Row:
+    """One row's full tensors (the same for every implementation), drawn on the CPU from one seed."""
+
+    def __init__(self, kind, h, ffn, r, seed, dtype):
+        in_f, out_f = (h, ffn) if kind == "column" else (ffn, h)
+        g = torch.Generator().manual_seed(seed)
+        self.kind, self.in_f, self.out_f, self.r, self.dtype = kind, in_f, out_f, r, dtype
+        self.W = (0.02 * torch.randn(out_f, in_f, generator=g)).to(dtype)
+        self.A = (torch.randn(r, in_f, generator=g) / in_f ** 0.5).to(dtype)
+        self.B = (torch.randn(out_f, r, generator=g) / r ** 0.5).to(dtype)
+        self.X = torch.randn(TOKENS, 1, in_f, generator=g).to(dtype)
+        self.G = torch.randn(TOKENS, 1, out_f, generator=g).to(dtype)
+
+    def local(self, name, kind, t, rank, device):
+        """This rank's piece of W, A, B, X or G (SPEC's layout, conformance/layout.py)."""
+        tensor = {"W": "weight", "A": "A", "B": "B", "X": "input", "G": "output"}[name]
+        return piece(getattr(self, name), shard_of(tensor, kind), rank, t).contiguous().to(device)
 
 
-def bench_megatron_bridge(kind, h, ffn, r, t, args, device, dtype):
-    backend = MegatronBridgeBackend()
+def anchor_steps(row, t, rank, device):
+    """F.linear on this rank's W shard (no wrapper, no communication): the base-speed anchor."""
+    W = row.local("W", row.kind, t, rank, device)
+    x = row.local("X", row.kind, t, rank, device).requires_grad_(True)
+    grad = row.local("G", row.kind, t, rank, device)
+    return fwd_bwd(lambda inp: F.linear(inp, W), x, grad), None
+
+
+def implementation_steps(name, row, t, rank, device):
+    """(base step, LoRA step) of one implementation on the row's weights and inputs, or raises."""
+    spec_path, plain_kind, has_tp = IMPLEMENTATIONS[name]
+    if t > 1 and not has_tp:
+        raise NotImplementedError(f"{name} has no tensor parallelism")
+    module, _, cls = spec_path.partition(":")
+    backend = getattr(importlib.import_module(module), cls)()
     groups = backend.init_parallel(t)
-    in_f, out_f = (h, ffn) if kind == "column" else (ffn, h)
-    spec = LinearSpec(kind=kind, in_features=in_f, out_features=out_f,
-                      weight=torch.zeros(out_f, in_f, dtype=dtype), dtype=dtype, groups=groups)
-    base = backend.make_linear(spec)
-    return base_and_lora_times(base, lambda box: backend.apply_lora(box, lora_config(r)),
-                               kind, h, ffn, t, args, device, dtype)
+    kind = plain_kind or row.kind
+    spec = LinearSpec(kind=kind, in_features=row.in_f, out_features=row.out_f, weight=row.W, dtype=row.dtype,
+                      groups=groups, name="linear_fc1")
+    box = Container("linear_fc1", backend.make_linear(spec))
+    base = box.layer()
+    base.requires_grad_(False)
+    x = row.local("X", kind, t, rank, device).requires_grad_(True)
+    grad = row.local("G", kind, t, rank, device)
+    base_step = fwd_bwd(base, x, grad)
+    lora_box = Container("linear_fc1", backend.make_linear(spec))
+    lora_box = backend.apply_lora(lora_box, backend.validate_config(lora_config(row.r)), training=True)
+    wrapped = backend.lora_modules(lora_box)["linear_fc1"]
+    A_param, B_param = backend.adapter_weights(wrapped)
+    with torch.no_grad():
+        if backend.supports("full_adapter"):
+            backend.load_full_adapter_weights(wrapped, row.A.to(device), row.B.to(device))
+        else:
+            A_param.copy_(row.local("A", kind, t, rank, device))
+            B_param.copy_(row.local("B", kind, t, rank, device))
+    return base_step, fwd_bwd(lora_box.layer(), x, grad)
 
 
-def bench_peft(kind, h, ffn, r, args, device, dtype):
-    import peft
+def spread(values) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
-    in_f, out_f = (h, ffn) if kind == "column" else (ffn, h)
-    container = torch.nn.Module()
-    container.linear_fc1 = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
-    container.linear_fc1.weight.requires_grad_(False)
-    x = torch.randn(TOKENS, 1, in_f, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(TOKENS, 1, out_f, device=device, dtype=dtype)
-    a = timer(fwd_bwd(container.linear_fc1, x, grad), args.warmup, args.repeats)
-    peft.inject_adapter_in_model(peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["linear_fc1"],
-                                                 init_lora_weights=False), container)
-    b = timer(fwd_bwd(container.linear_fc1, x, grad), args.warmup, args.repeats)
-    return a, b
+
+def bench_row(row, t, names, args, device, rank) -> dict:
+    """Every implementation of `names` on `row`, interleaved, --rounds times; figures in ms."""
+    steps, errors = {"F.linear": anchor_steps(row, t, rank, device)}, {}
+    for name in names:
+        try:
+            steps[name] = implementation_steps(name, row, t, rank, device)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - reported in the row (SystemExit: not installed)
+            errors[name] = f"{type(e).__name__}: {e}"[:200]
+    per_round = {name: {"base": [], "lora": []} for name in steps}
+    for _ in range(args.rounds):
+        for name, (base_step, lora_step) in steps.items():
+            per_round[name]["base"].append(timer(base_step, args.warmup, args.repeats) * 1e3)
+            if lora_step is not None:
+                per_round[name]["lora"].append(timer(lora_step, args.warmup, args.repeats) * 1e3)
+    result = {"errors": errors}
+    for name, times in per_round.items():
+        entry = {"base_ms": spread(times["base"])}
+        if times["lora"]:
+            extra = [lora - base for base, lora in zip(times["base"], times["lora"])]
+            entry.update(lora_ms=spread(times["lora"]), extra_ms=spread(extra),
+                         ratio=spread([lora / base for base, lora in zip(times["base"], times["lora"])]))
+        result[name] = entry
+    return result
 
 
 def profile_step(kind, h, ffn, r, t, device, dtype, lora: bool) -> str:
@@ -217,13 +272,26 @@ def bench_merge(args, device, dtype, t) -> float:
     return time.perf_counter() - start
 
 
+def _summary(result: dict) -> dict:
+    """One line per row: median extra ms and ratio of each implementation."""
+    out = {k: result[k] for k in ("kind", "H", "FFN", "r", "tp")}
+    for name in ("F.linear", *IMPLEMENTATIONS):
+        if name in result and "extra_ms" in result[name]:
+            out[name] = (round(result[name]["extra_ms"]["median"], 3), round(result[name]["ratio"]["median"], 3))
+        elif name in result:
+            out[name] = round(result[name]["base_ms"]["median"], 3)
+    out["errors"] = result["errors"]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="timed steps per round (their median)")
+    parser.add_argument("--rounds", type=int, default=5, help="times the interleaved set is repeated")
     parser.add_argument("--out", default=None, help="write the results as JSON")
-    parser.add_argument("--peers", default="megatron_bridge,peft", help="comma list of peers to run")
+    parser.add_argument("--peers", default="mb,peft", help="comma list of implementations beside ours")
     parser.add_argument("--shapes", default="all", choices=["all", "first"], help="'first': 4096 x 14336 only")
     parser.add_argument("--profile", action="store_true", help="also profile one TP=2 step (GPU)")
     args = parser.parse_args()
@@ -238,36 +306,27 @@ def main() -> int:
     if args.shapes == "first":
         shapes = shapes[:1]
     rates = device_rates(device)
-    peers = set(filter(None, args.peers.split(",")))
+    names = [n for n in ("ours", *filter(None, args.peers.split(","))) if n in IMPLEMENTATIONS]
     rows = []
+    seed = 0
     for h, ffn in shapes:
         for r in (16, 64):
             for t in (1, 2):
                 if world % t:
                     continue
                 for kind in ("column", "row"):
-                    row = {"kind": kind, "H": h, "FFN": ffn, "r": r, "tp": t}
-                    row["ours_base_ms"], row["ours_lora_ms"] = (v * 1e3 for v in bench_reference(kind, h, ffn, r, t, args, device, dtype))
-                    if "megatron_bridge" in peers:
-                        try:
-                            row["mb_base_ms"], row["mb_lora_ms"] = (v * 1e3 for v in bench_megatron_bridge(kind, h, ffn, r, t, args, device, dtype))
-                        except Exception as e:  # noqa: BLE001 - reported in the row
-                            row["mb_error"] = f"{type(e).__name__}: {e}"[:200]
-                    if "peft" in peers and t == 1:
-                        try:
-                            row["peft_base_ms"], row["peft_lora_ms"] = (v * 1e3 for v in bench_peft(kind, h, ffn, r, args, device, dtype))
-                        except Exception as e:  # noqa: BLE001
-                            row["peft_error"] = f"{type(e).__name__}: {e}"[:200]
-                    row["floor_extra_ms"] = lora_floor(kind, h, ffn, r, t, rates) * 1e3
-                    for who in ("ours", "mb", "peft"):
-                        if f"{who}_base_ms" in row:
-                            row[f"{who}_ratio"] = row[f"{who}_lora_ms"] / row[f"{who}_base_ms"]
-                    row["floor_ratio"] = 1 + row["floor_extra_ms"] / row["ours_base_ms"]
-                    rows.append(row)
+                    seed += 1
+                    row = Row(kind, h, ffn, r, seed, dtype)
+                    result = {"kind": kind, "H": h, "FFN": ffn, "r": r, "tp": t, "seed": seed,
+                              **bench_row(row, t, [n for n in names if t == 1 or IMPLEMENTATIONS[n][2]], args,
+                                          device, rank)}
+                    result["floor_extra_ms"] = lora_floor(kind, h, ffn, r, t, rates) * 1e3
+                    rows.append(result)
                     if rank == 0:
-                        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                        print(json.dumps(_summary(result)), flush=True)
+                    del row
                     torch.cuda.empty_cache() if device.type == "cuda" else None
-    merge_s = {f"tp{t}": bench_merge(args, device, dtype, t) for t in (2,) if world % t == 0}
+    merge_s = {f"tp{t}": bench_merge(args, device, dtype, t) for t in (1, 2) if world % t == 0}
     if args.profile and device.type == "cuda" and world % 2 == 0:
         h, ffn = shapes[0]
         for kind in ("column", "row"):
@@ -276,7 +335,9 @@ def main() -> int:
                 if rank == 0:
                     print(text, flush=True)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "world": world,
-              "torch": torch.__version__, "tokens": TOKENS, "rates": rates, "rows": rows, "merge_lora_s": merge_s}
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "tokens": TOKENS,
+              "rounds": args.rounds, "repeats": args.repeats,
+              "rates": rates, "rows": rows, "merge_lora_s": merge_s}
     if rank == 0:
         print(json.dumps({"rates": rates, "merge_lora_s": merge_s}))
         if args.out:
