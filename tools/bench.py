@@ -130,15 +130,17 @@ def lora_config(r: int):
 class Row:
     """One row's full tensors (the same for every implementation), drawn on the CPU from one seed."""
 
-    def __init__(self, kind, h, ffn, r, seed, dtype):
+    def __init__(self, kind, h, ffn, r, seed, dtype, device):
         in_f, out_f = (h, ffn) if kind == "column" else (ffn, h)
         g = torch.Generator().manual_seed(seed)
         self.kind, self.in_f, self.out_f, self.r, self.dtype = kind, in_f, out_f, r, dtype
-        self.W = (0.02 * torch.randn(out_f, in_f, generator=g)).to(dtype)
-        self.A = (torch.randn(r, in_f, generator=g) / in_f ** 0.5).to(dtype)
-        self.B = (torch.randn(out_f, r, generator=g) / r ** 0.5).to(dtype)
-        self.X = torch.randn(TOKENS, 1, in_f, generator=g).to(dtype)
-        self.G = torch.randn(TOKENS, 1, out_f, generator=g).to(dtype)
+        # Drawn on the CPU (the same numbers on every device), kept on the device (what a backend's
+        # make_linear copies from, as the suite's LinearSpec does).
+        self.W = (0.02 * torch.randn(out_f, in_f, generator=g)).to(device, dtype)
+        self.A = (torch.randn(r, in_f, generator=g) / in_f ** 0.5).to(device, dtype)
+        self.B = (torch.randn(out_f, r, generator=g) / r ** 0.5).to(device, dtype)
+        self.X = torch.randn(TOKENS, 1, in_f, generator=g).to(device, dtype)
+        self.G = torch.randn(TOKENS, 1, out_f, generator=g).to(device, dtype)
 
     def local(self, name, kind, t, rank, device):
         """This rank's piece of W, A, B, X or G (SPEC's layout, conformance/layout.py)."""
@@ -177,7 +179,7 @@ def implementation_steps(name, row, t, rank, device):
     A_param, B_param = backend.adapter_weights(wrapped)
     with torch.no_grad():
         if backend.supports("full_adapter"):
-            backend.load_full_adapter_weights(wrapped, row.A.to(device), row.B.to(device))
+            backend.load_full_adapter_weights(wrapped, row.A, row.B)
         else:
             A_param.copy_(row.local("A", kind, t, rank, device))
             B_param.copy_(row.local("B", kind, t, rank, device))
@@ -316,7 +318,7 @@ def main() -> int:
                     continue
                 for kind in ("column", "row"):
                     seed += 1
-                    row = Row(kind, h, ffn, r, seed, dtype)
+                    row = Row(kind, h, ffn, r, seed, dtype, device)
                     result = {"kind": kind, "H": h, "FFN": ffn, "r": r, "tp": t, "seed": seed,
                               **bench_row(row, t, [n for n in names if t == 1 or IMPLEMENTATIONS[n][2]], args,
                                           device, rank)}
