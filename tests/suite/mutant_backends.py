@@ -729,6 +729,20 @@ class RaisesInApplyBackend(_Mutant):
         raise RuntimeError("mutant: apply_lora is broken")
 
 
+def _before_tp_adapter_forward(model, hook):
+    """Call hook(adapter, x) before the forward of every adapter of a TP-parallel base (tp > 1)."""
+    for adapter in _adapters(model, kinds=("column", "row"), include_experts=False):
+        if adapter.tp_size > 1:
+            original = adapter.forward
+
+            def forward(self, x, *args, _original=original, **kwargs):
+                hook(self, x)
+                return _original(x, *args, **kwargs)
+
+            adapter.forward = types.MethodType(forward, adapter)
+    return model
+
+
 class HangingCollectiveBackend(_Mutant):
     """In the adapter forward of a TP-parallel layer (tp > 1), rank 0 alone all-reduces on the TP group.
 
@@ -738,18 +752,11 @@ class HangingCollectiveBackend(_Mutant):
     """
 
     def apply_lora(self, model, config, training=True):
-        model = super().apply_lora(model, config, training)
-        for adapter in _adapters(model, kinds=("column", "row"), include_experts=False):
-            if adapter.tp_size > 1:
-                original = adapter.forward
+        def rank_0_alone(adapter, x):
+            if dist.get_rank(adapter.tp_group) == 0:
+                dist.all_reduce(torch.zeros(1, device=x.device), group=adapter.tp_group)   # BUG: rank 0 only
 
-                def forward(self, x, *args, _original=original, **kwargs):
-                    if dist.get_rank(self.tp_group) == 0:
-                        dist.all_reduce(torch.zeros(1, device=x.device), group=self.tp_group)   # BUG: rank 0 only
-                    return _original(x, *args, **kwargs)
-
-                adapter.forward = types.MethodType(forward, adapter)
-        return model
+        return _before_tp_adapter_forward(super().apply_lora(model, config, training), rank_0_alone)
 
 
 class OneRankRaisesBackend(_Mutant):
@@ -758,18 +765,11 @@ class OneRankRaisesBackend(_Mutant):
     unless rank 1 releases it."""
 
     def apply_lora(self, model, config, training=True):
-        model = super().apply_lora(model, config, training)
-        for adapter in _adapters(model, kinds=("column", "row"), include_experts=False):
-            if adapter.tp_size > 1:
-                original = adapter.forward
+        def rank_1_raises(adapter, x):
+            if dist.get_rank(adapter.tp_group) == 1:
+                raise RuntimeError("mutant: rank 1 of the TP group fails")      # BUG: one rank only
 
-                def forward(self, x, *args, _original=original, **kwargs):
-                    if dist.get_rank(self.tp_group) == 1:
-                        raise RuntimeError("mutant: rank 1 of the TP group fails")      # BUG: one rank only
-                    return _original(x, *args, **kwargs)
-
-                adapter.forward = types.MethodType(forward, adapter)
-        return model
+        return _before_tp_adapter_forward(super().apply_lora(model, config, training), rank_1_raises)
 
 
 class DyingRankBackend(_Mutant):
