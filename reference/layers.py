@@ -38,6 +38,7 @@ from .layout import BaseLayout, check_flags, from_layout
 from .parallel import (
     check_agreement,
     check_divisible,
+    check_positive_int,
     copy_to_tensor_parallel_region,
     default_device,
     gather_from_sequence_parallel_region,
@@ -49,11 +50,6 @@ from .parallel import (
     scatter_to_tensor_parallel_region,
     shard,
 )
-
-
-def _check_size(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
@@ -77,7 +73,7 @@ def _check_input(layer: str, name: str, x: torch.Tensor, expected_last: int,
     if sequence_parallel and tp_size > 1 and dist.get_backend(group) == "gloo":
         # Under SP each rank brings its own sequence shard, whose length the ranks must agree on
         # before they gather it: one small all-gather on CPU. Under NCCL it would stall the stream
-        # at every layer, so it is left out there (the construction-time check still runs).
+        # at every layer, so it is left out there.
         check_agreement(f"the shape of the {layer}'s {name}", x.shape, group)
 
 
@@ -87,15 +83,15 @@ def _column_layout(input_size, output_size, tp_group, sequence_parallel, gather_
     check_flags(sequence_parallel=sequence_parallel, gather_output=gather_output,
                 explicit_expert_comm=explicit_expert_comm)
     group = resolve_tp_group(tp_group)
-    _check_size("output_size", output_size)
-    _check_size("stride", stride)        # before it divides anything
+    check_positive_int("output_size", output_size)
+    check_positive_int("stride", stride)        # before it divides anything
     check_divisible("output_size", output_size, dist.get_world_size(group) * stride, "tp_size * stride")
     if gather_output and stride != 1:
         # The gathered output would be [part0_0, part1_0, part0_1, ...], not [part0; part1].
         raise ValueError("gather_output=True requires stride=1 (allowed: gather_output=False with any stride)")
     if explicit_expert_comm and (gather_output or sequence_parallel):
         raise ValueError("explicit_expert_comm=True allows neither gather_output nor sequence_parallel")
-    _check_size("input_size", input_size)
+    check_positive_int("input_size", input_size)
     return BaseLayout.over("column", input_size, output_size, group, sequence_parallel=sequence_parallel,
                            gather_output=gather_output, stride=stride, explicit_expert_comm=explicit_expert_comm)
 
@@ -106,7 +102,7 @@ def _row_layout(input_size, output_size, tp_group, sequence_parallel, input_is_p
     check_flags(sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel,
                 explicit_expert_comm=explicit_expert_comm, bias=bias)
     group = resolve_tp_group(tp_group)
-    _check_size("input_size", input_size)
+    check_positive_int("input_size", input_size)
     check_divisible("input_size", input_size, dist.get_world_size(group), "the TP size")
     if sequence_parallel and not input_is_parallel:
         raise ValueError("sequence_parallel=True requires input_is_parallel=True (allowed: "
@@ -114,7 +110,7 @@ def _row_layout(input_size, output_size, tp_group, sequence_parallel, input_is_p
     if explicit_expert_comm and (bias or sequence_parallel or not input_is_parallel):
         raise ValueError("explicit_expert_comm=True requires bias=False, sequence_parallel=False "
                          "and input_is_parallel=True (its output is a partial sum)")
-    _check_size("output_size", output_size)
+    check_positive_int("output_size", output_size)
     return BaseLayout.over("row", input_size, output_size, group, sequence_parallel=sequence_parallel,
                            input_is_parallel=input_is_parallel, explicit_expert_comm=explicit_expert_comm)
 

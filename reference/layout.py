@@ -18,13 +18,12 @@ input_is_parallel for row); elsewhere the flag holds its neutral value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Literal
 
 import torch.distributed as dist
 from torch import nn
 
-from .parallel import resolve_tp_group
+from .parallel import check_positive_int, resolve_tp_group
 
 BASE_KINDS = ("column", "row", "none")
 
@@ -76,9 +75,7 @@ class BaseLayout:
         if self.kind not in BASE_KINDS:
             raise ValueError(f"base kind must be one of {list(BASE_KINDS)}, got {self.kind!r}")
         for name in ("input_size", "output_size", "stride"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         check_flags(sequence_parallel=self.sequence_parallel, gather_output=self.gather_output,
                     input_is_parallel=self.input_is_parallel, explicit_expert_comm=self.explicit_expert_comm)
 

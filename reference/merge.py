@@ -16,13 +16,13 @@ and lives with apply_lora in reference/lora/transform.py.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 import torch.distributed as dist
 
 from .layout import BaseLayout
-from .parallel import gather_shards, resolve_tp_group
+from .parallel import check_positive_int, gather_shards, resolve_tp_group
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,9 +40,8 @@ def _check_arguments(base_weight, B, A, alpha, dim, tp_size: int, tp_group) -> N
                         f"got {base_weight.dtype}")
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    for name, value in (("dim", dim), ("tp_size", tp_size)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_int("dim", dim)
+    check_positive_int("tp_size", tp_size)
     if tp_size > 1 and dist.get_world_size(tp_group) != tp_size:
         raise ValueError(f"tp_size={tp_size} but tp_group has {dist.get_world_size(tp_group)} rank(s): pass the "
                          f"group the weights are split over, or tp_size=1 for local tensors")
@@ -134,8 +133,7 @@ class LoRAMerge:
             TypeError: a weight that is not a 2-D tensor, a tp_group that is not a process group.
         """
         A, B = linear_in, linear_out
-        if isinstance(tp_size, bool) or not isinstance(tp_size, Integral) or tp_size < 1:
-            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
+        check_positive_int("tp_size", tp_size)
         if tp_size > 1 or tp_group is not None:
             tp_group = resolve_tp_group(tp_group)
         _check_arguments(base_weight, B, A, alpha, dim, tp_size, tp_group)

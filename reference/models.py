@@ -31,6 +31,7 @@ from .layout import check_flags
 from .moe import MoELayer
 from .parallel import (
     check_divisible,
+    check_positive_int,
     default_device,
     resolve_tp_group,
     scatter_to_sequence_parallel_region,
@@ -65,9 +66,7 @@ class TinyGPTConfig:
         """Raise a ValueError naming the field if this config cannot run at `tp_size`."""
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
                      "ffn_hidden_size", "max_sequence_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         check_flags(gated_linear_unit=self.gated_linear_unit, add_bias_linear=self.add_bias_linear,
                     sequence_parallel=self.sequence_parallel, moe_grouped_gemm=self.moe_grouped_gemm)
         if not isinstance(self.params_dtype, torch.dtype) or self.params_dtype not in PARAMS_DTYPES:
@@ -313,9 +312,8 @@ class TinyVLM(nn.Module):
         super().__init__()
         language_config = TinyGPTConfig() if language_config is None else language_config
         _check_config_and_seed(language_config, seed)
-        for name, value in (("vision_hidden_size", vision_hidden_size), ("patch_dim", patch_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int("vision_hidden_size", vision_hidden_size)
+        check_positive_int("patch_dim", patch_dim)
         check_divisible("vision_hidden_size", vision_hidden_size, language_config.num_attention_heads,
                         "num_attention_heads")
         if language_config.sequence_parallel:

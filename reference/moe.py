@@ -32,6 +32,7 @@ from .init import init_full_weight
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .layout import BaseLayout, check_flags, from_layout
 from .parallel import (
+    check_positive_int,
     gather_from_sequence_parallel_region,
     gather_shards,
     get_parallel_state,
@@ -278,11 +279,9 @@ class MoELayer(nn.Module):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
                             ("num_moe_experts", num_experts), ("moe_router_topk", topk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if shared_expert_size is not None and (isinstance(shared_expert_size, bool)
-                                               or not isinstance(shared_expert_size, int) or shared_expert_size < 1):
-            raise ValueError(f"shared_expert_size must be None or a positive integer, got {shared_expert_size!r}")
+            check_positive_int(name, value)
+        if shared_expert_size is not None:
+            check_positive_int("shared_expert_size", shared_expert_size)
         check_flags(grouped=grouped, gated=gated, sequence_parallel=sequence_parallel)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype (the experts train), got {dtype!r}")

@@ -36,8 +36,6 @@ backward and gathers it again there (reference/lora/regather.py). Parameters may
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -49,6 +47,7 @@ from ..parallel import (
     all_to_all_hidden_to_sequence_parallel_region,
     check_agreement,
     check_divisible,
+    check_positive_int,
     copy_to_tensor_parallel_region,
     default_device,
     gather_from_sequence_parallel_region,
@@ -181,9 +180,8 @@ class ParallelLinearAdapter(nn.Module):
             raise ValueError(f"activation must be one of {list(ADAPTER_ACTIVATIONS)}, got {activation!r}")
         # The same checks as LoRA's fields (reference/lora/config.py): built directly, the adapter
         # validates its own arguments, before anything is drawn or communicated.
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         dim = FIELD_CHECKS["dim"](dim)
         alpha = None if alpha is None else FIELD_CHECKS["alpha"](alpha)
         FIELD_CHECKS["dropout"](dropout)

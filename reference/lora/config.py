@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 
 from ..init import INIT_METHODS, check_init_method
+from ..parallel import check_positive_int
 
 DEFAULT_TARGET_MODULES = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 DROPOUT_POSITIONS = ("pre", "post")
@@ -95,9 +96,7 @@ def _check_exclusive(target_modules, exclude_modules) -> None:
 
 def _positive_int(name: str):
     def check(value):
-        # numbers.Integral: Python and numpy integers alike (not bool)
-        if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, value)       # Python and numpy integers alike (not bool)
         return int(value)
     return check
 

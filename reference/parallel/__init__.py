@@ -11,7 +11,7 @@ from .collectives import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
-from .sharding import check_agreement, check_divisible, gather_shards, shard, unshard
+from .sharding import check_agreement, check_divisible, check_positive_int, gather_shards, shard, unshard
 from .state import (
     ParallelState,
     default_device,
@@ -26,7 +26,7 @@ from .state import (
 __all__ = [
     "ParallelState", "default_device", "init_distributed", "initialize_model_parallel", "get_parallel_state",
     "destroy_model_parallel", "made_here", "resolve_tp_group", "shard", "unshard", "gather_shards", "check_divisible",
-    "check_agreement",
+    "check_agreement", "check_positive_int",
     "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region",
     "scatter_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
     "gather_from_sequence_parallel_region", "scatter_to_sequence_parallel_region",

@@ -9,6 +9,8 @@ TP size while every rank can still chunk its local output into gate and up.
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 import torch.distributed as dist
 
@@ -40,6 +42,12 @@ def check_agreement(what: str, values, group: dist.ProcessGroup | None) -> None:
         described = ", ".join(f"rank {r}: {tuple(row)}" for r, row in enumerate(rows))
         raise ValueError(f"the ranks of the TP group disagree on {what} ({described}); every rank must pass "
                          f"the same")
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raise a ValueError naming the argument unless `value` is a positive integer (numpy's too, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_divisible(name: str, value: int, divisor: int, what: str) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .sharding import check_positive_int
+
 DEFAULT_TIMEOUT_S = 300.0
 
 _STATE: "ParallelState | None" = None
@@ -107,11 +109,6 @@ def _my_group(all_groups: list[list[int]], rank: int) -> tuple[dist.ProcessGroup
     return mine
 
 
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     expert_model_parallel_size: int = 1,
@@ -123,9 +120,9 @@ def initialize_model_parallel(
         init_distributed()
     if expert_tensor_parallel_size is None:
         expert_tensor_parallel_size = tensor_model_parallel_size
-    _check_positive_int("tensor_model_parallel_size", tensor_model_parallel_size)
-    _check_positive_int("expert_model_parallel_size", expert_model_parallel_size)
-    _check_positive_int("expert_tensor_parallel_size", expert_tensor_parallel_size)
+    check_positive_int("tensor_model_parallel_size", tensor_model_parallel_size)
+    check_positive_int("expert_model_parallel_size", expert_model_parallel_size)
+    check_positive_int("expert_tensor_parallel_size", expert_tensor_parallel_size)
     world, rank = dist.get_world_size(), dist.get_rank()
     tp, ep, etp = tensor_model_parallel_size, expert_model_parallel_size, expert_tensor_parallel_size
     if world % tp != 0:
