@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from reference import parallel
 
@@ -344,6 +345,18 @@ def not_its_own(backend: Backend, judged) -> str:
                                                   and not module.startswith("conformance.backends.")):
             return f"{name}: the backend uses {module}.{getattr(function, '__qualname__', '?')}"
     return ""
+
+
+def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` (out, in) and `bias`, on their device and in their dtype.
+    skip_init: no draw from the global generator, which adapters' init is seeded on ([LORA-INIT-2])."""
+    linear = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 def plain_linear(spec: LinearSpec, device=None) -> nn.Linear:

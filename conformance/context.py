@@ -60,6 +60,17 @@ class Context:
         example is then what ran, and replaying it runs the same."""
         self.ran_changes.update(changes)
 
+    def agree(self, value, raised: bool) -> tuple[list, list[bool]]:
+        """Every rank's `value` (JSON, over the control group), after agreement.meet: a rank that
+        `raised` releases the ranks still inside a collective with it. Returns (values, which ranks
+        released); if any did, every rank has closed its groups (release_groups) for fresh ones."""
+        released = meet(self.control_group, raised, self.release_groups)
+        pairs = all_gather_json([value, released], self.control_group)
+        releases = [was for _, was in pairs]
+        if any(releases):
+            self.release_groups()
+        return [v for v, _ in pairs], releases
+
     # -- tensors --------------------------------------------------------------------------------
     def randn(self, shape, seed: int, dtype=torch.float64, scale: float = 1.0) -> torch.Tensor:
         """The same tensor on every rank: drawn on the CPU from its own generator, then moved."""
@@ -119,10 +130,8 @@ def raises_everywhere(ctx: Context, fn, errors: tuple, what: str, mentions: tupl
         outcome = None
     except Exception as error:   # noqa: BLE001 - which error the backend raised is the verdict
         outcome = [type(error).__name__, isinstance(error, errors), str(error)]
-    released = meet(ctx.control_group, outcome is not None, ctx.release_groups)
-    outcomes, releases = zip(*all_gather_json([outcome, released], ctx.control_group))
+    outcomes, releases = ctx.agree(outcome, raised=outcome is not None)
     if any(releases):              # some rank did not come: it was inside a collective, now closed
-        ctx.release_groups()
         outcomes = [o if o is None or not closed_by_peer(o[2]) else
                     ["no error (it went into a collective, released after the others raised)", False, ""]
                     for o in outcomes]

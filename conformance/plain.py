@@ -22,7 +22,7 @@ from torch import nn
 import reference
 from reference import parallel
 
-from .backend import Backend, LinearSpec, ModelSpec, plain_linear
+from .backend import Backend, LinearSpec, ModelSpec, linear_holding, plain_linear
 
 
 class PlainBackend(Backend):
@@ -106,10 +106,4 @@ class PlainGPT(nn.Module):
 
 
 def _plain(parallel_layer) -> nn.Linear:
-    weight, bias = parallel_layer.full_weight()
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
+    return linear_holding(*parallel_layer.full_weight())

@@ -28,7 +28,7 @@ from hypothesis.internal.conjecture import engine as _hypothesis_engine
 
 from reference.parallel import destroy_model_parallel
 
-from .agreement import all_gather_json, closed_by_peer, meet
+from .agreement import closed_by_peer
 from .context import NotOwnCode
 from .registry import Property, explicit_examples
 
@@ -89,17 +89,14 @@ def spmd_call(ctx, fn) -> None:
         failure = {"summary": summary[:4000], "timeout": _is_timeout(error),
                    "where": _innermost_frame(error)}
     try:
-        released = meet(ctx.control_group, failure is not None and "not_own" not in failure, ctx.release_groups)
-        outcomes = all_gather_json([failure, released], ctx.control_group)
+        outcomes, releases = ctx.agree(failure, raised=failure is not None and "not_own" not in failure)
     except RuntimeError as error:      # gloo: "Connection closed by peer", "Connection reset by peer", ...
         raise PeerLost(_first_lines(str(error), limit=2)) from None
-    releasing = [rank for rank, (_, was) in enumerate(outcomes) if was]
-    if releasing:
-        ctx.release_groups()           # every rank: the closed groups are rebuilt by the next layout
-    failed = [(rank, f) for rank, (f, _) in enumerate(outcomes) if f is not None and "not_own" not in f]
+    releasing = [rank for rank, was in enumerate(releases) if was]
+    failed = [(rank, f) for rank, f in enumerate(outcomes) if f is not None and "not_own" not in f]
     waiting = [rank for rank, f in failed if releasing and rank not in releasing and closed_by_peer(f["summary"])]
     failed = [(rank, f) for rank, f in failed if rank not in waiting]
-    not_own = [f["not_own"] for f, _ in outcomes if f is not None and "not_own" in f]
+    not_own = [f["not_own"] for f in outcomes if f is not None and "not_own" in f]
     if not failed and not_own:
         raise NotOwnCode(not_own[0])
     if not failed:

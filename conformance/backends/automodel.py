@@ -46,9 +46,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from torch.nn.utils import skip_init
 
-from ..backend import Backend, Groups, LinearSpec, ModelSpec, import_optional
+from ..backend import Backend, Groups, LinearSpec, ModelSpec, import_optional, linear_holding
 from ..model_case import COLUMN_NAMES, ROW_NAMES
 from ..plain import make_plain_model
 
@@ -62,18 +61,6 @@ def _lora():
 def _styles():
     return import_optional("nemo_automodel.components.distributed.parallel_styles", "nemo-automodel",
                            "the Automodel backend")
-
-
-def _linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding copies of `weight` (out, in) and `bias`, on their device and in their dtype.
-    skip_init: no draw from the generator, which the adapters' init is seeded on ([LORA-INIT-2])."""
-    linear = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
-                       device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
 
 
 def _is_lora(module: nn.Module) -> bool:
@@ -144,14 +131,14 @@ class AutomodelBackend(Backend):
             raise NotImplementedError("nn.Linear has no skip_bias_add")
         weight, bias = spec.weight.to(spec.dtype), None if spec.bias is None else spec.bias.to(spec.dtype)
         if spec.kind == "linear" or spec.groups.tp_size == 1:     # Automodel applies no TP plan at TP = 1
-            return _linear_holding(weight, bias)
+            return linear_holding(weight, bias)
         permutation = _stride_permutation(spec.out_features, spec.groups.tp_size, spec.stride) \
             if spec.kind == "column" else None
         if permutation is not None:
             weight, bias = weight[permutation], None if bias is None else bias[permutation]
         mesh = self._by_group[spec.groups.tp_group]
         style = _style(spec.kind, spec.sequence_parallel, spec.gather_output, spec.input_is_parallel)
-        return self._parallelize(_linear_holding(weight, bias), mesh, style, permutation)
+        return self._parallelize(linear_holding(weight, bias), mesh, style, permutation)
 
     def make_model(self, spec: ModelSpec) -> nn.Module:
         """TinyGPT of nn.Linear layers (conformance/plain.py) with a TP plan of torch's styles on the
@@ -173,7 +160,7 @@ class AutomodelBackend(Backend):
             gated_fc1 = spec.gated_linear_unit and short == "linear_fc1"
             permutation = _stride_permutation(module.out_features, tp, 2) if gated_fc1 else None
             if permutation is not None:
-                module = _linear_holding(module.weight[permutation],
+                module = linear_holding(module.weight[permutation],
                                          None if module.bias is None else module.bias[permutation])
             style = _style(kind, sp, gather_output=short == "output_layer", input_is_parallel=True)
             parent, _, child = name.rpartition(".")
@@ -221,7 +208,7 @@ class AutomodelBackend(Backend):
             if not hasattr(module, STYLE) or _is_lora(module):
                 continue
             mesh, style, permutation = getattr(module, STYLE)
-            full = _linear_holding(module.weight.full_tensor(),
+            full = linear_holding(module.weight.full_tensor(),
                                    None if module.bias is None else module.bias.full_tensor())
             parent, _, child = name.rpartition(".")
             setattr(chunk.get_submodule(parent) if parent else chunk, child, full)
