@@ -64,8 +64,9 @@ def _merge(base_weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: f
     if gather_B:
         B = gather_shards(B, 0, tp_group)                                     # (out/t, r) -> (out, r)
     dtype = _compute_dtype(base_weight.dtype)
-    delta = (alpha / dim) * (B.to(dtype) @ A.to(dtype))                       # like base_weight
-    merged = (base_weight.to(dtype) + delta).to(base_weight.dtype)
+    # W + (alpha/dim) B A in one GEMM (the scale and the add in its epilogue), on a copy of W.
+    merged = base_weight.to(dtype, copy=True).addmm_(B.to(dtype), A.to(dtype), alpha=alpha / dim)
+    merged = merged.to(base_weight.dtype)
     finite = torch.isfinite(merged).all().to(torch.int32).reshape(1)
     if tp_size > 1:             # a NaN in one rank's shard: every rank refuses
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=tp_group)

@@ -1,12 +1,14 @@
 """Distributed runtime: process groups, sharding helpers and the collectives as autograd functions."""
 
 from .collectives import (
+    all_gather_into,
     all_to_all_hidden_to_sequence_parallel_region,
     all_to_all_sequence_to_hidden_parallel_region,
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
+    reduce_scatter_into,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
@@ -31,5 +33,5 @@ __all__ = [
     "scatter_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
     "gather_from_sequence_parallel_region", "scatter_to_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region", "all_to_all_hidden_to_sequence_parallel_region",
-    "all_to_all_sequence_to_hidden_parallel_region",
+    "all_to_all_sequence_to_hidden_parallel_region", "all_gather_into", "reduce_scatter_into",
 ]

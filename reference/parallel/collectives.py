@@ -44,12 +44,17 @@ def _size(group: dist.ProcessGroup) -> int:
 
 # torch 2.13 renamed the tensor-in/tensor-out all-gather; take whichever this torch has. Looked up at
 # every call (not bound at import), so that a tool wrapping torch.distributed's functions sees these.
-def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+# async_op=True returns the work handle (wait() before reading `out`), as torch.distributed does.
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """out (t*n, ...) <- every rank's x (n, ...) in rank order, along dim 0."""
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group,
+                                                                                       async_op=async_op)
 
 
-def _reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
+def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """out (n, ...) <- this rank's chunk (dim 0) of the sum over ranks of x (t*n, ...)."""
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group,
+                                                                                         async_op=async_op)
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -63,7 +68,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     size = _size(group)
     x = x.movedim(dim, 0).contiguous()                                   # (n, ...)
     out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))         # (size*n, ...)
-    _all_gather_single(out, x, group=group)
+    all_gather_into(out, x, group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -73,7 +78,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     check_divisible(f"size of dim {dim}", x.shape[dim], size, "the group size")
     x = x.movedim(dim, 0).contiguous()                                   # (n, ...)
     out = x.new_empty((x.shape[0] // size,) + tuple(x.shape[1:]))        # (n/size, ...)
-    _reduce_scatter_single(out, x, group=group)
+    reduce_scatter_into(out, x, group)
     return out.movedim(0, dim).contiguous()
 
 
