@@ -123,6 +123,8 @@ ASPECTS = {
     "matching": "which modules apply_lora selects from the config's patterns (SPEC section 3)",
     "injection": "how apply_lora wraps the selected modules: in place, once, state-dict keys (section 8)",
     "freezing": "which parameters apply_lora leaves trainable, and train/eval modes (section 8, 11)",
+    "init": "how apply_lora draws the adapters' initial weights (section 6)",
+    "build_checks": "the sizes apply_lora checks before it builds an adapter (section 12)",
 }
 
 

@@ -56,13 +56,13 @@ JUDGES = {
     "matching": ("matching",),
     "forward": ("apply_lora",),
     "backward": ("apply_lora",),
-    "init": ("apply_lora",),
+    "init": ("init",),
     "dtype": ("apply_lora",),
     "injection": ("injection",),
     "merge": ("merge_weight",),
     "moe": ("apply_lora",),
     "vlm": ("freezing",),
-    "errors": ("apply_lora",),
+    "errors": ("build_checks",),
 }
 
 
