@@ -116,11 +116,12 @@ class FusedLoRALinear(Function):
     x and x_a may be the same tensor (no dropout): its gradient is then returned once, fused.
     bias: added here for column / none (None for row: the row bias is added after the reduction).
 
-    Order, measured on one H200 (bf16, 8192 tokens, 4096 x 14336, fwd + bwd, extra over the base):
-    autograd's separate ops 0.49 ms; base GEMM first, update added by a rank-r addmm_ 0.42 ms; update
-    first, the base GEMM accumulating into it (beta = 1, in its epilogue) 0.30 ms. So the update goes
-    first wherever it covers the whole local output; a row base at TP > 1 adds it into its column
-    slice after the base GEMM, which then also hides the all-reduce of h.
+    Order, measured by tools/bench_orders.py on one H200 (bf16, 8192 tokens, 4096 x 14336, r 16, fwd +
+    bwd, extra ms over the base; docs/reports/bench_orders_h200.json): autograd's separate ops 0.49;
+    base GEMM first, the update added by a rank-r addmm_ 0.42; the update first and the base GEMM
+    accumulating into it (beta = 1, in its epilogue) 0.31. So the update goes first wherever it covers
+    the whole local output; a row base at TP > 1 adds it into its column slice after the base GEMM,
+    which then also hides the all-reduce of h.
     """
 
     @staticmethod
