@@ -16,11 +16,14 @@ gradient only) and (b) the base with LoRA. Fair by construction:
 - the same inputs and output gradients (this rank's piece of one full x and one full g);
 - a `F.linear` row (the local weight shard, no wrapper, no communication) anchors the base speed;
 - the implementations are interleaved and the whole set repeated (--rounds), so drift hits all
-  alike; each round's figure is the median of --repeats timed steps (CUDA events), and the report
-  gives min / median / max over the rounds of the base time, the LoRA time, LoRA's extra ms over its
-  own base (per round) and the ratio. A difference smaller than the spread is "the same".
+  alike; within a round an implementation's base and LoRA steps alternate, --repeats pairs (CUDA
+  events), and the round's extra ms is the median of the pairs' differences (the clock drifts by as
+  much as the difference measured, so separately timed medians are not subtracted); the report gives
+  min / median / max over the rounds of the base time, the LoRA time, LoRA's extra ms over its own
+  base and the ratio (base + extra) / base. A difference smaller than the spread is "the same".
 
-Implementations: the reference (conformance.backends.reference), Megatron-Bridge when megatron-core
+Implementations: the reference (conformance.backends.reference), its fast path (reference/fast,
+strict: every step takes the fused path), Megatron-Bridge when megatron-core
 and megatron-bridge import, HF PEFT at TP = 1 when `peft` imports. The floor beside each row is what
 LoRA must add at the least: its extra FLOPs over the measured matmul rate plus its extra bytes
 (reading x again, writing and adding the update, the gradients) over the measured copy bandwidth.
@@ -54,34 +57,55 @@ TOKENS = 8192
 # name -> (backend "module:Class", the base kind it takes at TP = 1, whether it has TP)
 IMPLEMENTATIONS = {
     "ours": ("conformance.backends.reference:ReferenceBackend", None, True),
+    # The fast path (reference/fast), strict: a step that would take the reference's forward raises.
+    "fast": ("conformance.backends.fast:FastStrictBackend", None, True),
     "mb": ("conformance.backends.megatron_bridge:MegatronBridgeBackend", None, True),
     "peft": ("conformance.backends.peft:PeftBackend", "linear", False),
 }
 
 
+def time_once(fn) -> float:
+    """Seconds of one fn() (CUDA events on GPU, perf_counter on CPU)."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def slowest_rank(value: float) -> float:
+    """The largest value over the ranks (every rank reports the slowest rank's figure)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], device=parallel.default_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
 def timer(fn, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() (CUDA events on GPU, perf_counter on CPU); the slowest rank's."""
+    """Median seconds of fn(); the slowest rank's."""
     for _ in range(warmup):
         fn()
-    times = []
-    cuda = torch.cuda.is_available()
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    if dist.is_initialized():   # every rank reports the slowest rank's median
-        median = torch.tensor([statistics.median(times)], device=parallel.default_device())
-        dist.all_reduce(median, op=dist.ReduceOp.MAX)
-        return float(median)
-    return statistics.median(times)
+    return slowest_rank(statistics.median(time_once(fn) for _ in range(repeats)))
+
+
+def paired_timer(base_step, lora_step, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """(base s, LoRA s, LoRA's extra s): base and LoRA steps alternate, and the extra is the median of
+    each pair's difference, so that clock drift between steps (0.1-0.5 ms on an H200 over a round,
+    as large as the difference measured) cancels in the difference."""
+    for _ in range(warmup):
+        base_step()
+        lora_step()
+    pairs = [(time_once(base_step), time_once(lora_step)) for _ in range(repeats)]
+    base = statistics.median(b for b, _ in pairs)
+    lora = statistics.median(lo for _, lo in pairs)
+    extra = statistics.median(lo - b for b, lo in pairs)
+    return slowest_rank(base), slowest_rank(lora), slowest_rank(extra)
 
 
 def fwd_bwd(layer, x, grad):
@@ -198,19 +222,21 @@ def bench_row(row, t, names, args, device, rank) -> dict:
             steps[name] = implementation_steps(name, row, t, rank, device)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - reported in the row (SystemExit: not installed)
             errors[name] = f"{type(e).__name__}: {e}"[:200]
-    per_round = {name: {"base": [], "lora": []} for name in steps}
+    per_round = {name: {"base": [], "lora": [], "extra": []} for name in steps}
     for _ in range(args.rounds):
         for name, (base_step, lora_step) in steps.items():
-            per_round[name]["base"].append(timer(base_step, args.warmup, args.repeats) * 1e3)
-            if lora_step is not None:
-                per_round[name]["lora"].append(timer(lora_step, args.warmup, args.repeats) * 1e3)
+            if lora_step is None:
+                per_round[name]["base"].append(timer(base_step, args.warmup, args.repeats) * 1e3)
+                continue
+            base, lora, extra = paired_timer(base_step, lora_step, args.warmup, args.repeats)
+            for key, value in (("base", base), ("lora", lora), ("extra", extra)):
+                per_round[name][key].append(value * 1e3)
     result = {"errors": errors}
     for name, times in per_round.items():
         entry = {"base_ms": spread(times["base"])}
         if times["lora"]:
-            extra = [lora - base for base, lora in zip(times["base"], times["lora"])]
-            entry.update(lora_ms=spread(times["lora"]), extra_ms=spread(extra),
-                         ratio=spread([lora / base for base, lora in zip(times["base"], times["lora"])]))
+            entry.update(lora_ms=spread(times["lora"]), extra_ms=spread(times["extra"]),
+                         ratio=spread([(base + extra) / base for base, extra in zip(times["base"], times["extra"])]))
         result[name] = entry
     return result
 
@@ -248,8 +274,13 @@ def profile_step(kind, h, ffn, r, t, device, dtype, lora: bool) -> str:
     return f"{kind} TP={t} r={r} lora={lora}: wall {wall / 5 * 1e3:.3f} ms/step, GPU busy {gpu:.3f} ms/step\n{table}"
 
 
-def bench_merge(args, device, dtype, t) -> float:
-    """merge_lora on 32 layers of qkv/proj/fc1/fc2 linears (H=4096, FFN=14336) at TP=t."""
+def bench_merge(args, device, dtype, t) -> dict:
+    """merge_lora on 32 layers of qkv/proj/fc1/fc2 linears (H=4096, FFN=14336) at TP=t: the first
+    merge of the process ("cold": allocator growth, library init) and one more on a fresh model."""
+    return {"cold": merge_once(args, device, dtype, t), "warm": merge_once(args, device, dtype, t)}
+
+
+def merge_once(args, device, dtype, t) -> float:
     state = parallel.initialize_model_parallel(t)
     h, ffn, layers = (4096, 14336, 32) if not args.small else (256, 512, 4)
     model = torch.nn.Module()
@@ -293,7 +324,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per round (their median)")
     parser.add_argument("--rounds", type=int, default=5, help="times the interleaved set is repeated")
     parser.add_argument("--out", default=None, help="write the results as JSON")
-    parser.add_argument("--peers", default="mb,peft", help="comma list of implementations beside ours")
+    parser.add_argument("--peers", default="fast,mb,peft", help="comma list of implementations beside ours")
     parser.add_argument("--shapes", default="all", choices=["all", "first"], help="'first': 4096 x 14336 only")
     parser.add_argument("--profile", action="store_true", help="also profile one TP=2 step (GPU)")
     args = parser.parse_args()

@@ -7,7 +7,7 @@ the LoRA / base ratio's median [min-max]. The F.linear column is the base anchor
 import json
 import sys
 
-NAMES = {"ours": "reference", "mb": "Megatron-Bridge", "peft": "PEFT"}
+NAMES = {"ours": "reference", "fast": "fast path", "mb": "Megatron-Bridge", "peft": "PEFT"}
 
 
 def span(stat: dict, digits: int = 3) -> str:
@@ -40,7 +40,9 @@ def main(path: str) -> None:
                   + " | ".join(cell(r, w) for w in present) + f" | {r['floor_extra_ms']:.3f} |")
         print()
     print("merge_lora, 32 layers H=4096 (qkv, proj, gated fc1, fc2), r=16: "
-          + ", ".join(f"{k}: {v:.3f} s" for k, v in data["merge_lora_s"].items()))
+          + ", ".join(f"{k}: " + (f"{v:.3f} s" if isinstance(v, float) else
+                                  ", ".join(f"{when} {s:.3f} s" for when, s in v.items()))
+                      for k, v in data["merge_lora_s"].items()))
 
 
 if __name__ == "__main__":
