@@ -1,4 +1,4 @@
-"""One autograd function for a LoRA layer's local step: base GEMM + adapter, collectives overlapped.
+"""One autograd function for a LoRA layer's local step: base GEMM + adapter, in the fewest passes.
 
 What reference/lora/wrapper.py computes between the base's input and output communication
 (LoRALinear._forward_sharing_communication), fused (TP size t, n = s*b tokens, w = out/t):
