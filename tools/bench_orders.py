@@ -21,25 +21,18 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def once(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+from bench import paired_timer  # noqa: E402 - tools/bench.py's pairs: base and variant alternate
 
 
 def paired_extra(base, variant, warmup: int, repeats: int) -> float:
     """Median over `repeats` pairs of (variant ms - base ms), the two alternating."""
-    for _ in range(warmup):
-        base()
-        variant()
-    return statistics.median(once(variant) - once(base) for _ in range(repeats))
+    return paired_timer(base, variant, warmup, repeats)[2] * 1e3
 
 
 def variants(W, A, B, x, g, s):

@@ -19,7 +19,7 @@ so that a run with it shows every verdict was earned by the fused step.
 
 from __future__ import annotations
 
-from reference.fast import FastLoRALinear, use_fast_wrappers
+from reference.fast import use_fast_wrappers
 
 from .reference import ReferenceBackend
 
@@ -48,11 +48,7 @@ class FastBackend(ReferenceBackend):
 
     def apply_lora(self, model, config, training=True):
         model = super().apply_lora(model, config, training)
-        use_fast_wrappers(model)
-        if self.strict:
-            for module in self.lora_modules(model).values():
-                if isinstance(module, FastLoRALinear):
-                    module.strict = True
+        use_fast_wrappers(model, strict=self.strict)
         return model
 
 

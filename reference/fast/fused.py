@@ -61,6 +61,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _own_columns(t2: torch.Tensor, plan: Plan, width: int) -> torch.Tensor:
+    """A row base's (n, out) partial -> this rank's hidden shard (n, out/t), a view; others: t2 itself."""
+    return t2 if plan.kind != "row" else t2[:, plan.tp_rank * width:(plan.tp_rank + 1) * width]
+
+
 def _launch_h(h: torch.Tensor, plan: Plan):
     """Start the forward collective of h (n, r/t) column / (n, r) row partial; returns (buffer, work)."""
     if plan.tp_size == 1 or plan.kind == "none":
@@ -133,8 +138,7 @@ class FusedLoRALinear(Function):
         if plan.kind == "row" and plan.tp_size > 1:
             out = torch.nn.functional.linear(x, weight)                           # overlaps the all-reduce of h
             h = _finish_h(buffer, work, plan)                                     # (n, r)
-            w = B.shape[0]
-            target = _rows(out)[:, plan.tp_rank * w:(plan.tp_rank + 1) * w]       # this rank's hidden shard
+            target = _own_columns(_rows(out), plan, B.shape[0])                   # this rank's hidden shard
             if B.dtype == out.dtype:
                 target.addmm_(h, B.t(), alpha=plan.scale)
             else:
@@ -156,8 +160,7 @@ class FusedLoRALinear(Function):
         x, xa2, weight, A, B, h = ctx.saved_tensors
         plan, need = ctx.plan, ctx.needs_input_grad
         g2 = _rows(grad_out.contiguous())                                         # (n, out/t) or (n, out)
-        w = B.shape[0]
-        g_slice = g2 if plan.kind != "row" else g2[:, plan.tp_rank * w:(plan.tp_rank + 1) * w]
+        g_slice = _own_columns(g2, plan, B.shape[0])
         g_lora = g_slice if g_slice.dtype == B.dtype else g_slice.to(B.dtype)
         need_grad_h = need[1] or need[4]                                          # x's need is x_a's when shared
         grad_x = grad_x_a = grad_A = grad_B = grad_h = None

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..lora.adapter import ParallelLinearAdapter
+from ..lora.transform import model_chunks, replace_children
 from ..lora.wrapper import LoRALinear
 from .fused import Plan, fused_lora_linear
 
@@ -91,15 +92,20 @@ class FastLoRALinear(LoRALinear):
         return fused_lora_linear(x, x_a, weight, bias, adapter.linear_in.weight, adapter.linear_out.weight, plan)
 
 
-def use_fast_wrappers(model) -> int:
+def use_fast_wrappers(model, strict: bool = False) -> int:
     """Replace every LoRALinear of `model` (a module or a list of chunks) by a FastLoRALinear over the
-    same base and adapter; returns how many. Other wrappers (MoE experts, routers) stay as they are."""
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    replaced = 0
-    for chunk in chunks:
-        for parent in list(chunk.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is LoRALinear:
-                    setattr(parent, name, FastLoRALinear.from_wrapper(child))
-                    replaced += 1
-    return replaced
+    same base and adapter (strict: see the module docstring); returns how many. Other wrappers (MoE
+    experts, routers) stay as they are."""
+    replaced = []
+
+    def replace(child):
+        if type(child) is not LoRALinear:
+            return child
+        fast = FastLoRALinear.from_wrapper(child)
+        fast.strict = strict
+        replaced.append(fast)
+        return fast
+
+    for chunk in model_chunks(model):
+        replace_children(chunk, replace)
+    return len(replaced)

@@ -42,7 +42,7 @@ from .protocol import is_lora_wrapper, lora_adapters, named_lora_wrappers
 from .wrapper import LoRALinear
 
 
-def _chunks(model) -> list[nn.Module]:
+def model_chunks(model) -> list[nn.Module]:
     """A model as its list of pipeline chunks (a bare module is one chunk)."""
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
@@ -110,7 +110,7 @@ def check_config(config) -> None:
 
 def check_model(what: str, model) -> None:
     """`model` is an nn.Module or a non-empty list of them (pipeline chunks), named in the error."""
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     if not chunks or not all(isinstance(chunk, nn.Module) for chunk in chunks):
         raise TypeError(f"{what}: model must be an nn.Module or a non-empty list of nn.Modules (pipeline chunks), "
                         f"got {type(model).__name__}"
@@ -140,7 +140,7 @@ def freeze_all(model, training: bool = True) -> None:
         model (nn.Module | list[nn.Module]): a model or its pipeline chunks.
         training (bool): put the model in train mode (else leave its mode). Default: True.
     """
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         chunk.requires_grad_(False)
         chunk.train(training)
 
@@ -166,7 +166,7 @@ def apply_lora(model, config, training: bool = True):
         UserWarning: naming the target_modules patterns that matched no module; another naming the
             exclude_modules patterns that match no linear module.
     """
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     check_model("apply_lora", model)
     check_config(config)
     if not isinstance(training, bool):
@@ -204,7 +204,7 @@ def finalize_lora_grads(model) -> None:
         model (nn.Module | list[nn.Module]): a model or its pipeline chunks, after backward.
     """
     check_model("finalize_lora_grads", model)
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for adapter in lora_adapters(chunk):
             group = getattr(adapter, "grad_sync_group", None)
             if group is None:
@@ -217,13 +217,14 @@ def finalize_lora_grads(model) -> None:
                 dist.all_reduce(param.grad, group=group)
 
 
-def _replace_children(module: nn.Module, replace) -> None:
+def replace_children(module: nn.Module, replace) -> None:
+    """Set each descendant `child` of `module` to `replace(child)`; a replaced child is not descended into."""
     for name, child in list(module.named_children()):
         new = replace(child)
         if new is not child:
             setattr(module, name, new)
         else:
-            _replace_children(child, replace)
+            replace_children(child, replace)
 
 
 @torch.no_grad()
@@ -261,7 +262,7 @@ def merge_lora(model: nn.Module, *, keep_wrappers: bool = False) -> nn.Module:
 
     new_model = replace(model)
     if new_model is model:
-        _replace_children(model, replace)
+        replace_children(model, replace)
     return new_model
 
 
@@ -284,7 +285,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def _named_wrappers(model) -> list:
-    return [(name, wrapper) for chunk in _chunks(model) for name, wrapper in named_lora_wrappers(chunk)]
+    return [(name, wrapper) for chunk in model_chunks(model) for name, wrapper in named_lora_wrappers(chunk)]
 
 
 def set_adapters_enabled(model, enabled: bool) -> None:

@@ -29,6 +29,7 @@ from reference.init import init_full_weight
 from reference.lora import matching as _matching
 from reference.lora.adapter import LoRAWeight, ParallelLinearAdapter
 from reference.lora.experts import ExpertAdapter
+from reference.lora.transform import model_chunks
 from reference.lora import build_adapter, is_lora_wrapper
 from reference.lora.wrapper import LoRALinear
 from reference.parallel import (
@@ -46,20 +47,16 @@ from conformance.backends.reference import ReferenceBackend
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def _chunks(model):
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
 def _wrappers(model):
     """Every LoRALinear-like wrapper in the model (or its chunks)."""
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for module in chunk.modules():
             if is_lora_wrapper(module) and isinstance(module, LoRALinear):
                 yield module
 
 
 def _adapters(model, kinds=("column", "row", "none"), include_experts=True):
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for module in chunk.modules():
             if isinstance(module, ParallelLinearAdapter) and module.base_kind in kinds:
                 if include_experts or not isinstance(module, ExpertAdapter):
@@ -459,7 +456,7 @@ class NotIdempotentBackend(_Mutant):
     def apply_lora(self, model, config, training=True):
         existing = {id(w) for w in _wrappers(model)}
         model = super().apply_lora(model, config, training)
-        for chunk in _chunks(model):
+        for chunk in model_chunks(model):
             for parent_name, parent in list(chunk.named_modules()):
                 for name, child in list(parent.named_children()):
                     if id(child) in existing and isinstance(child, LoRALinear) and type(child) is LoRALinear:
@@ -586,7 +583,7 @@ class MergeModelDropsAdaptersBackend(_Mutant):
 
         if isinstance(model, LoRALinear):
             return model.to_wrap
-        for chunk in _chunks(model):
+        for chunk in model_chunks(model):
             strip(chunk)
         return model
 
